@@ -34,15 +34,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_connection(flwr_home: Path, num_supernodes: int, cpus_per_client: float, gpus_per_client: float) -> None:
-    """``config.toml`` whose default connection is a local simulation of ``num_supernodes`` nodes."""
+def write_connection(flwr_home: Path) -> None:
+    """``config.toml`` whose default connection is the local simulation SuperLink."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-        f"options.num-supernodes = {num_supernodes}\n"
-        f"options.backend.client-resources.num-cpus = {cpus_per_client}\n"
-        f"options.backend.client-resources.num-gpus = {gpus_per_client}\n"
-    )
+    (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
 
 
 def superlink_pids(control_port: int) -> list[int]:
@@ -96,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--run-config", default="", help="Flower run-config overrides")
     parser.add_argument("--flwr-home", type=Path, default=ROOT / ".flwr", help="FLWR_HOME for this run")
     parser.add_argument("--num-supernodes", type=int, help="default: one per client of the experiment")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0,
                         help="fraction of a GPU per simulated client, e.g. 0.25 to share one GPU by 4")
     args = parser.parse_args(argv)
@@ -107,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     num_supernodes = args.num_supernodes or load_experiment(path).num_clients
 
     flwr_home = args.flwr_home.resolve()
-    write_connection(flwr_home, num_supernodes, args.cpus_per_client, args.gpus_per_client)
+    write_connection(flwr_home)
     control_port = free_port()
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1"}
-    command = ["flwr", "run", str(ROOT), "--stream"]
+    federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={args.cpus_per_client} "
+                  f"client-resources-num-gpus={args.gpus_per_client}")
+    command = ["flwr", "run", str(ROOT), "--stream", "--federation-config", federation]
     if args.run_config:
         command += ["--run-config", args.run_config]
     print(f"FLWR_HOME={flwr_home} {' '.join(shlex.quote(c) for c in command)}", flush=True)
