@@ -32,7 +32,7 @@ def query(message: Message, context: Context) -> Message:
     """Declare this node's capacity (``max-layers``), partition, domain and data size."""
     _, node, data = _setup(message, context)
     metrics = MetricRecord({"max-layers": node.max_layers, "partition-id": node.partition_id,
-                            "num-examples": len(data.train)})
+                            "num-partitions": node.num_partitions, "num-examples": len(data.train)})
     config = ConfigRecord({"domain": data.domain, "device": node.device, "pid": os.getpid()})
     return Message(RecordDict({"capacity": metrics, "node": config}), reply_to=message)
 

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     flwr_home = args.flwr_home.resolve()
     write_connection(flwr_home)
     control_port = free_port()
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+    bin_dir = str(Path(sys.executable).parent)  # flwr and flower-superlink of this environment
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1"}
     federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={args.cpus_per_client} "

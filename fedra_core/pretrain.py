@@ -55,6 +55,22 @@ def _shapes(recipe: dict[str, Any], seed: int) -> tuple[Any, int]:
     return dataset, len(classes)
 
 
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Style jitter for pretraining: polarity, per-channel gain and sensor noise.
+
+    Images are normalized to about [-1, 1], so negation inverts polarity. Styles the
+    tuning data may show (dark on light, coloured, noisy) then look familiar to the
+    backbone without it ever seeing that data.
+    """
+    n = images.shape[0]  # images: (B, 3, H, W)
+    sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).view(n, 1, 1, 1)
+    gain = 0.6 + 0.8 * torch.rand(n, 3, 1, 1, generator=generator)
+    noisy = (torch.rand(n, generator=generator) < 0.4).float().view(n, 1, 1, 1)
+    sigma = 0.7 * torch.rand(n, 1, 1, 1, generator=generator) * noisy
+    noise = torch.randn(images.shape, generator=generator) * sigma
+    return (images * sign * gain + noise).clamp(-2.0, 2.0)
+
+
 def pretrain(recipe_name: str, seed: int = 0, threads: int | None = None) -> nn.Module:
     """Pretrain the recipe's ViT on synthetic shapes (all weights, AdamW, cosine)."""
     recipe = RECIPES[recipe_name]
@@ -72,10 +88,11 @@ def pretrain(recipe_name: str, seed: int = 0, threads: int | None = None) -> nn.
             optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total)))
         model.train()
         start, step = time.perf_counter(), 0
+        generator = torch.Generator().manual_seed(seed)
         for epoch in range(recipe["epochs"]):
             correct, seen = 0, 0
             for images, labels in loader:
-                logits = model(images)
+                logits = model(augment(images, generator))
                 loss = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

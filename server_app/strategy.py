@@ -20,6 +20,10 @@ from fedra_core.lora import State, slice_state
 QUERY_TIMEOUT = 120.0
 
 
+class FederationTooSmall(RuntimeError):
+    """Fewer nodes exist than the experiment has clients."""
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """What a node declared when asked before its first round."""
@@ -46,8 +50,13 @@ class PendingRound:
 
     def node_of(self, reply: Message) -> int:
         """The node a reply answers, also for errors the SuperLink sends on its behalf."""
-        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in self.messages}
-        return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        return node_of_reply(reply, self.messages)
+
+
+def node_of_reply(reply: Message, sent: list[Message]) -> int:
+    """Map a reply to the node its request went to (a dead node's error comes from the SuperLink)."""
+    by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def unpack_delta(reply: Message) -> tuple[State, dict[str, float]]:
@@ -126,9 +135,8 @@ class FedRA(Strategy):
         content = RecordDict({"config": ConfigRecord({"experiment": self._experiment_json})})
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
         replies = grid.send_and_receive(messages, timeout=min(QUERY_TIMEOUT, self.cfg.reply_timeout))
-        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         for reply in replies:
-            node_id = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            node_id = node_of_reply(reply, messages)
             try:
                 self.nodes[node_id] = self._node_info(node_id, reply)
                 info = self.nodes[node_id]
@@ -151,6 +159,12 @@ class FedRA(Strategy):
         pid = metrics.get("partition-id")
         if not isinstance(pid, int) or not 0 <= pid < self.experiment.num_clients:
             raise InvalidReply(f"declared partition-id {pid!r} is outside 0..{self.experiment.num_clients - 1}")
+        partitions = metrics.get("num-partitions", 0)
+        if isinstance(partitions, int) and 0 < partitions < self.experiment.num_clients:
+            raise FederationTooSmall(
+                f"the federation has {partitions} partitions (simulated SuperNodes) but the experiment has "
+                f"{self.experiment.num_clients} clients (clients.capacities); run with "
+                f"--federation-config 'num-supernodes={self.experiment.num_clients}' (deploy/simulate.py does)")
         return NodeInfo(node_id, pid, min(max_layers, self.num_layers), str(config.get("domain", "")),
                         int(metrics.get("num-examples", 0)))
 

@@ -1,0 +1,27 @@
+# The README's two commands: `make run` (the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, alone and pinned: pip then takes the CPU build that lies on disk.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The embedded default: FedRA in Flower's simulation engine, offline, on CPU.
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python deploy/simulate.py $(if $(RUN_CONFIG),-c "$(RUN_CONFIG)")
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .flwr outputs

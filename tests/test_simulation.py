@@ -1,0 +1,85 @@
+"""A real Flower simulation through the user's entry point (deploy/simulate.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPACITIES = [6, 5, 4, 3, 2, 1]
+
+
+def _experiment(tmp_path: Path, cache: Path, **training: object) -> Path:
+    values = {
+        "name": "tiny",
+        "seed": 3,
+        "backbone": {"cache": str(cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "max_test_per_domain": 40},
+        "clients": {"capacities": CAPACITIES},
+        "training": {"rounds": 2, "local_steps": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.003,
+                     **training},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _simulate(tmp_path: Path, run_config: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "deploy" / "simulate.py"), "--flwr-home", str(tmp_path / "flwr-home"),
+               "-c", run_config]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit_cache: Path) -> tuple[Path, str]:
+    tmp_path = tmp_path_factory.mktemp("sim")
+    experiment = _experiment(tmp_path, tiny_vit_cache)
+    result = _simulate(tmp_path, f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path / "out" / "tiny", result.stdout + result.stderr
+
+
+def test_run_writes_every_output(finished_run: tuple[Path, str]) -> None:
+    run_dir, _ = finished_run
+    for name in ("config.yaml", "rounds.jsonl", "adapters.safetensors", "checkpoint.safetensors",
+                 "accuracy.png", "allocation.png", "results.md"):
+        assert (run_dir / name).is_file(), name
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["clients"]["capacities"] == CAPACITIES and config["training"]["rounds"] == 2
+
+
+def test_rounds_follow_the_declared_capacities(finished_run: tuple[Path, str]) -> None:
+    run_dir, _ = finished_run
+    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for record in records[1:]:
+        rows = {row["partition_id"]: sum(alloc) for row, alloc in zip(record["rows"], record["allocation"])}
+        assert rows == dict(enumerate(CAPACITIES))
+        assert all(c["status"] == "ok" and c["bytes_sent"] > 0 and c["bytes_received"] > 0 for c in record["clients"])
+        assert set(record["accuracy"]) == {"clean", "inverted", "noisy", "color", "texture", "sketch"}
+        assert 0.0 <= record["mean_accuracy"] <= 1.0
+
+
+def test_adapters_cover_every_block_under_global_names(finished_run: tuple[Path, str]) -> None:
+    run_dir, log = finished_run
+    with safe_open(str(run_dir / "adapters.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    blocks = {int(k.split(".")[1]) for k in keys if k.startswith("blocks.")}
+    assert blocks == set(range(6))
+    assert {"head.weight", "head.bias"} <= keys
+    assert "round 2/2" in log and "mean accuracy" in log
+
+
+def test_bad_experiment_fails_before_the_first_round(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache)
+    values = yaml.safe_load(experiment.read_text())
+    values["clients"]["capacities"] = [6, 5, 4, 3, 2, 9]  # the backbone has 6 blocks
+    experiment.write_text(yaml.safe_dump(values))
+    result = _simulate(tmp_path, f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'")
+    log = result.stdout + result.stderr
+    assert "clients.capacities[5] = 9 is outside 1..6" in log
+    assert not (tmp_path / "out" / "tiny" / "rounds.jsonl").exists()
