@@ -11,7 +11,7 @@ import yaml
 
 DATASETS = ("builtin-digits", "folder", "domainnet", "nicopp")
 PARTITIONINGS = ("feature", "feature-label")
-METHODS = ("fedra", "fedra-cover", "first", "all-large", "all-small", "inclusivefl", "depthfl")
+METHODS = ("fedra", "fedra-cover", "first")
 WEIGHTINGS = ("uniform", "num-examples")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -111,8 +111,6 @@ class StrategyConfig:
     weighting: str = "uniform"
     min_clients: int = 1
     reply_timeout: float = 3600.0
-    depthfl_exit_every: int = 3
-    distill_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "strategy.method", self.method, f"one of {METHODS}")

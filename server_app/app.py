@@ -1,5 +1,6 @@
 """The ServerApp: resolve the experiment, run the FedRA strategy, write the run's output."""
 
+import logging
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,19 @@ def run_dir_of(run_config: dict[str, Any], experiment: Experiment, resume: bool)
     return base / name if resume else unique_run_dir(base, name)
 
 
+def _show_core_logs() -> None:
+    """Send fedra_core's progress messages (backbone pretraining, resume) to Flower's log."""
+    core = logging.getLogger("fedra_core")
+    core.setLevel(INFO)
+    for handler in logging.getLogger("flwr").handlers:
+        if handler not in core.handlers:
+            core.addHandler(handler)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run a FedRA experiment to the end (or resume one) and write its output folder."""
+    _show_core_logs()
     run_config = dict(context.run_config)
     experiment = experiment_from_run_config(run_config)
     resume = bool(run_config.get("resume", False))

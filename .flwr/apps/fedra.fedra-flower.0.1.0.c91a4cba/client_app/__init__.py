@@ -1,0 +1,1 @@
+"""Flower ClientApp: sub-model assembly and local LoRA training on each device."""

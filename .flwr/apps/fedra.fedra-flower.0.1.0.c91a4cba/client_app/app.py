@@ -1,0 +1,61 @@
+"""The ClientApp: declare capacity, then train the held blocks' adapters each round."""
+
+import json
+import os
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedra_core.backbone import read_meta
+from fedra_core.config import Experiment, NodeSettings, experiment_from_dict, resolve_node
+from fedra_core.datasets import ClientData, client_data
+from fedra_core.local import run_local_round
+
+app = ClientApp()
+
+
+def _setup(message: Message, context: Context) -> tuple[Experiment, NodeSettings, ClientData]:
+    """The experiment sent by the server, this node's settings, and its local data."""
+    experiment = experiment_from_dict(json.loads(str(message.content["config"]["experiment"])))
+    node = resolve_node(experiment, dict(context.node_config))
+    if experiment.training.num_threads:
+        import torch
+
+        torch.set_num_threads(experiment.training.num_threads)
+    meta = read_meta(node.backbone_cache)
+    return experiment, node, client_data(experiment, node, meta)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Declare this node's capacity (``max-layers``), partition, domain and data size."""
+    _, node, data = _setup(message, context)
+    metrics = MetricRecord({"max-layers": node.max_layers, "partition-id": node.partition_id,
+                            "num-partitions": node.num_partitions, "num-examples": len(data.train)})
+    config = ConfigRecord({"domain": data.domain, "device": node.device, "pid": os.getpid()})
+    return Message(RecordDict({"capacity": metrics, "node": config}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Assemble the sub-model of the sent blocks, train it locally, reply with the deltas."""
+    start = time.perf_counter()
+    experiment, node, data = _setup(message, context)
+    config = message.content["config"]
+    layers = [int(i) for i in config["layers"]]
+    received = dict(message.content["arrays"].to_torch_state_dict())
+    local = run_local_round(experiment, node, layers, received, data.train, data.num_classes,
+                            int(config["server-round"]))
+    metrics = MetricRecord({
+        "num-examples": local.result.num_examples,
+        "train-loss": local.result.loss,
+        "train-accuracy": local.result.accuracy,
+        "train-seconds": local.result.seconds,
+        "setup-seconds": local.setup_seconds,
+        "total-seconds": time.perf_counter() - start,
+        "images-per-second": local.result.images_per_second,
+        "bytes-read": local.assembly.bytes_read,
+        "steps": local.result.steps,
+    })
+    return Message(RecordDict({"arrays": ArrayRecord(local.delta), "metrics": metrics}), reply_to=message)

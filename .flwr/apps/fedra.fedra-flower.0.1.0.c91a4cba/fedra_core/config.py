@@ -1,0 +1,354 @@
+"""The experiment: frozen dataclasses built from YAML and run config in one place."""
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("builtin-digits", "folder", "domainnet", "nicopp")
+PARTITIONINGS = ("feature", "feature-label")
+METHODS = ("fedra", "fedra-cover", "first", "all-large", "all-small", "inclusivefl", "depthfl")
+WEIGHTINGS = ("uniform", "num-examples")
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BUILTIN_BACKBONES = ("digits-vit",)
+
+
+class ConfigError(ValueError):
+    """An experiment setting is unknown, missing or impossible; the message names it."""
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not valid; expected {expected}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters attached to the frozen backbone (peft)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("attn.proj", "mlp.fc2")
+    train_head: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "backbone.lora.rank", self.rank, "an integer >= 1")
+        _require(self.alpha > 0, "backbone.lora.alpha", self.alpha, "a number > 0")
+        _require(0 <= self.dropout < 1, "backbone.lora.dropout", self.dropout, "0 <= p < 1")
+        _require(len(self.target_modules) > 0, "backbone.lora.target_modules",
+                 self.target_modules, "at least one module name")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Where the frozen backbone lies and how it is adapted."""
+
+    cache: str = "~/.cache/fedra/backbones/digits-vit"
+    builtin: str | None = None  # a recipe that builds the cache when it is missing
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        _require(self.builtin is None or self.builtin in BUILTIN_BACKBONES,
+                 "backbone.builtin", self.builtin, f"null or one of {BUILTIN_BACKBONES}")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache).expanduser()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The dataset, its domains and how it is split among clients."""
+
+    dataset: str = "builtin-digits"
+    root: str | None = None
+    domains: tuple[str, ...] | None = None
+    partitioning: str = "feature"
+    clients_per_domain: int = 1
+    dirichlet_alpha: float = 0.5
+    min_samples: int = 10
+    num_classes: int | None = None  # DomainNet: keep the first N classes
+    test_fraction: float = 0.2
+    max_test_per_domain: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {DATASETS}")
+        _require(self.partitioning in PARTITIONINGS, "data.partitioning", self.partitioning,
+                 f"one of {PARTITIONINGS}")
+        _require(self.clients_per_domain >= 1, "data.clients_per_domain",
+                 self.clients_per_domain, "an integer >= 1")
+        _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "> 0")
+        _require(self.min_samples >= 1, "data.min_samples", self.min_samples, ">= 1")
+        _require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "in (0, 1)")
+        _require(self.dataset == "builtin-digits" or self.root is not None, "data.root",
+                 self.root, f"a folder path for dataset {self.dataset!r}")
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """Per-client (simulation partition) settings; a node's own node-config wins."""
+
+    capacities: tuple[int, ...] = (12, 10, 8, 6, 4, 3)
+
+    def __post_init__(self) -> None:
+        _require(len(self.capacities) > 0, "clients.capacities", self.capacities,
+                 "one capacity per client")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How the server samples, allocates and aggregates."""
+
+    method: str = "fedra"
+    clients_per_round: int | None = None  # None: every known client
+    one_per_domain: bool = False  # sample one client of each domain per round (paper)
+    weighting: str = "uniform"
+    min_clients: int = 1
+    reply_timeout: float = 3600.0
+    depthfl_exit_every: int = 3
+    distill_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, "strategy.method", self.method, f"one of {METHODS}")
+        _require(self.weighting in WEIGHTINGS, "strategy.weighting", self.weighting,
+                 f"one of {WEIGHTINGS}")
+        _require(self.clients_per_round is None or self.clients_per_round >= 1,
+                 "strategy.clients_per_round", self.clients_per_round, "null or >= 1")
+        _require(self.min_clients >= 1, "strategy.min_clients", self.min_clients, ">= 1")
+        _require(self.reply_timeout > 0, "strategy.reply_timeout", self.reply_timeout, "> 0")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Rounds and the local optimisation each client runs."""
+
+    rounds: int = 20
+    local_epochs: int = 1
+    local_steps: int | None = None  # when set, overrides local_epochs
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    grad_clip: float | None = 10.0
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    device: str = "cpu"
+    precision: str = "fp32"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "training.rounds", self.rounds, "an integer >= 1")
+        _require(self.local_epochs >= 1, "training.local_epochs", self.local_epochs, ">= 1")
+        _require(self.local_steps is None or self.local_steps >= 1, "training.local_steps",
+                 self.local_steps, "null or >= 1")
+        _require(self.optimizer in OPTIMIZERS, "training.optimizer", self.optimizer,
+                 f"one of {OPTIMIZERS}")
+        _require(self.lr > 0, "training.lr", self.lr, "> 0")
+        _require(self.batch_size >= 1, "training.batch_size", self.batch_size, ">= 1")
+        _require(self.precision in PRECISIONS, "training.precision", self.precision,
+                 f"one of {PRECISIONS}")
+        _require(is_device_name(self.device), "training.device", self.device,
+                 "'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One FedRA experiment, fully resolved."""
+
+    name: str = "default"
+    seed: int = 0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients.capacities)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists, no tuples) that ``experiment_from_dict`` reads back."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def is_device_name(device: str) -> bool:
+    """True for ``cpu``, ``cuda`` and ``cuda:N``."""
+    if device in ("cpu", "cuda"):
+        return True
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by full name."""
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix or 'experiment'}: expected a mapping, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; known keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        nested = known[name].default_factory  # type: ignore[misc]
+        if dataclasses.is_dataclass(nested):
+            kwargs[name] = _build(nested, value, key)
+        else:
+            kwargs[name] = _coerce(known[name].type, value, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{prefix or 'experiment'}: {err}") from err
+
+
+def _coerce(annotation: Any, value: Any, key: str) -> Any:
+    """Turn YAML lists into tuples and ints into floats where the field says so."""
+    text = str(annotation)
+    if value is None:
+        if "None" not in text:
+            raise ConfigError(f"{key}: null is not allowed")
+        return None
+    if text.startswith("tuple") or "tuple[" in text:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(value)
+    if annotation in (float, "float") or text.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation in (int, "int") or text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation in (bool, "bool") and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation in (str, "str") and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def experiment_from_dict(values: Mapping[str, Any]) -> Experiment:
+    """Build and validate an experiment from a plain mapping (YAML or JSON)."""
+    return _build(Experiment, values, "")
+
+
+def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Experiment:
+    """Read an experiment YAML file and apply dotted-key overrides.
+
+    Parameters
+    ----------
+    path : str or Path
+        The YAML file.
+    overrides : Mapping[str, Any], optional
+        Values keyed by dotted names, e.g. ``{"training.rounds": 3}``.
+
+    Returns
+    -------
+    Experiment
+        The validated experiment.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"experiment file {path} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"experiment file {path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(values, dotted, value)
+    try:
+        return experiment_from_dict(values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What belongs to one client device: from its node-config, else the experiment."""
+
+    partition_id: int
+    num_partitions: int
+    max_layers: int
+    data_root: str | None
+    backbone_cache: Path
+    device: str
+
+
+NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "max-layers", "data-root",
+                    "backbone-cache", "device", "memory-budget-mb")
+
+
+def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> NodeSettings:
+    """Merge a node's ``--node-config`` with the experiment's per-partition values.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The run's experiment.
+    node_config : Mapping[str, Any]
+        Flower's node config. In simulation it holds only ``partition-id`` and
+        ``num-partitions``; a deployed SuperNode may add ``max-layers``,
+        ``data-root``, ``backbone-cache`` and ``device``.
+
+    Returns
+    -------
+    NodeSettings
+        This node's settings; raises ``ConfigError`` naming a bad key.
+    """
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"node-config: unknown key {unknown[0]!r}; known: {NODE_CONFIG_KEYS}")
+    if "partition-id" not in node_config:
+        raise ConfigError("node-config: 'partition-id' is missing")
+    pid = _int_key(node_config, "partition-id")
+    num = _int_key(node_config, "num-partitions") if "num-partitions" in node_config \
+        else experiment.num_clients
+    if not 0 <= pid < experiment.num_clients:
+        raise ConfigError(f"node-config: partition-id {pid} is outside 0..{experiment.num_clients - 1}"
+                          f" (the experiment has {experiment.num_clients} clients)")
+    if "max-layers" in node_config:
+        max_layers = _int_key(node_config, "max-layers")
+    else:
+        max_layers = experiment.clients.capacities[pid]
+    device = str(node_config.get("device", experiment.training.device))
+    _require(is_device_name(device), "node-config device", device, "'cpu', 'cuda' or 'cuda:N'")
+    cache = node_config.get("backbone-cache", experiment.backbone.cache)
+    return NodeSettings(
+        partition_id=pid,
+        num_partitions=num,
+        max_layers=max_layers,
+        data_root=node_config.get("data-root", experiment.data.root),
+        backbone_cache=Path(str(cache)).expanduser(),
+        device=device,
+    )
+
+
+def _int_key(node_config: Mapping[str, Any], key: str) -> int:
+    value = node_config[key]
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node-config: {key}={value!r} is not an integer") from None

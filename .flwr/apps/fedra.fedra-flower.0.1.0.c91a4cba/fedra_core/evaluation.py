@@ -1,0 +1,40 @@
+"""The full-depth global model on the server: initial state and per-domain accuracy."""
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedra_core.backbone import assemble
+from fedra_core.config import LoraSettings
+from fedra_core.lora import State, attach_lora, load_trainable_state, trainable_state
+from fedra_core.training import evaluate
+
+
+class GlobalModel:
+    """All blocks of the backbone with the global adapters plugged in."""
+
+    def __init__(self, cache_dir: Path, num_classes: int, lora: LoraSettings,
+                 device: str = "cpu", seed: int = 0) -> None:
+        self.device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # LoRA A and the head start from the run's seed
+            model, _ = assemble(cache_dir, None, num_classes, "cpu")
+            self.model = attach_lora(model, lora).to(self.device)
+        self._initial = trainable_state(self.model)
+
+    def initial_state(self) -> State:
+        """The trainable state before any round: LoRA A random, LoRA B zero, fresh head."""
+        return {k: v.clone() for k, v in self._initial.items()}
+
+    def evaluate(self, state: Mapping[str, torch.Tensor], test_sets: Mapping[str, Dataset],
+                 batch_size: int = 256, precision: str = "fp32") -> dict[str, dict[str, float]]:
+        """Loss, accuracy and size of every domain's test set under ``state``."""
+        load_trainable_state(self.model, {k: v.to(self.device) for k, v in state.items()})
+        results = {}
+        for name, dataset in test_sets.items():
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+            loss, accuracy, count = evaluate(self.model, loader, self.device, precision)
+            results[name] = {"loss": loss, "accuracy": accuracy, "num_examples": count}
+        return results

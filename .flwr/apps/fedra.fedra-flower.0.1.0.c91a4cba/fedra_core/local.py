@@ -1,0 +1,100 @@
+"""A client's part of a round: assemble its sub-model, train it, return the deltas."""
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedra_core.backbone import AssemblyStats, assemble
+from fedra_core.config import Experiment, NodeSettings
+from fedra_core.lora import State, attach_lora, load_trainable_state, trainable_state
+from fedra_core.training import TrainResult, evaluate, train_local
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """The outcome of one client's local round."""
+
+    delta: State
+    result: TrainResult
+    assembly: AssemblyStats
+    setup_seconds: float
+
+
+def resolve_device(device: str) -> torch.device:
+    """The configured device, with a clear error when CUDA is asked for but absent."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices here")
+    return dev
+
+
+def build_submodel(experiment: Experiment, node: NodeSettings, layers: list[int], num_classes: int,
+                   received: Mapping[str, torch.Tensor]) -> tuple[torch.nn.Module, AssemblyStats]:
+    """Sub-model of ``layers`` from the node's cache, adapted, with the received state loaded."""
+    device = resolve_device(node.device)
+    model, stats = assemble(node.backbone_cache, layers, num_classes, device)
+    model = attach_lora(model, experiment.backbone.lora).to(device)
+    load_trainable_state(model, {k: v.to(device) for k, v in received.items()})
+    return model, stats
+
+
+def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int],
+                    received: Mapping[str, torch.Tensor], train_set: torch.utils.data.Dataset,
+                    num_classes: int, server_round: int) -> LocalRound:
+    """Train the held blocks' adapters (and the head) on local data.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        Training settings (optimizer, lr, steps or epochs, batch size, precision).
+    node : NodeSettings
+        This device's backbone cache and torch device.
+    layers : list[int]
+        Global indices of the blocks this client holds this round.
+    received : Mapping[str, Tensor]
+        The global state of those blocks and of the shared parts.
+    train_set : Dataset
+        Local training data.
+    num_classes : int
+        Size of the label space.
+    server_round : int
+        The round, which seeds the data order together with the run's seed.
+
+    Returns
+    -------
+    LocalRound
+        Deltas (trained minus received) keyed by global names, and what happened.
+    """
+    start = time.perf_counter()
+    if len(layers) > node.max_layers:
+        raise ValueError(f"the server sent {len(layers)} blocks but this node holds at most {node.max_layers}")
+    model, stats = build_submodel(experiment, node, layers, num_classes, received)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(experiment.seed * 100_003 + server_round * 1009 + node.partition_id)
+    cfg = experiment.training
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                        drop_last=len(train_set) > cfg.batch_size, pin_memory=device.type == "cuda")
+    setup = time.perf_counter() - start
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(generator.initial_seed()))  # LoRA dropout
+        result = train_local(model, loader, cfg, device)
+    trained = trainable_state(model)
+    delta = {k: (trained[k] - received[k].to(device)).cpu() for k in received}
+    return LocalRound(delta, result, stats, setup)
+
+
+def evaluate_local(experiment: Experiment, node: NodeSettings, received: Mapping[str, torch.Tensor],
+                   test_set: torch.utils.data.Dataset, num_classes: int) -> tuple[float, float, int]:
+    """Loss, accuracy and count of the full-depth global model on local test data."""
+    model, _ = build_submodel(experiment, node, None, num_classes, received)  # type: ignore[arg-type]
+    device = next(model.parameters()).device
+    loader = DataLoader(test_set, batch_size=experiment.training.eval_batch_size)
+    return evaluate(model, loader, device, experiment.training.precision)

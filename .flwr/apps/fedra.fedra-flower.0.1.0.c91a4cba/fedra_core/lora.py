@@ -1,0 +1,118 @@
+"""LoRA on a (sub-)model with peft, and its trainable state under global names.
+
+The global names are the sub-model's own parameter names without peft's adapter
+segment: ``blocks.7.attn.proj.lora_A.weight``, ``head.weight``. Because the sub-model
+names its blocks by their global index (see ``fedra_core.backbone``), this module is
+the only place where local and global names meet.
+"""
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from fedra_core._compat import ensure_torchvision_importable
+from fedra_core.backbone import classifier_keys
+from fedra_core.config import LoraSettings
+
+State = dict[str, torch.Tensor]
+
+ensure_torchvision_importable()  # peft imports transformers, which imports torchvision
+
+from peft import (  # noqa: E402
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+
+
+class StateMismatchError(ValueError):
+    """A received state does not fit the model: names or shapes differ."""
+
+
+def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Freeze ``model``, add LoRA adapters to the target modules, unfreeze the head.
+
+    Parameters
+    ----------
+    model : nn.Module
+        An assembled (sub-)model.
+    settings : LoraSettings
+        Rank, alpha, dropout and target modules (suffixes such as ``attn.proj``).
+
+    Returns
+    -------
+    nn.Module
+        The same model, adapted in place.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules))
+    try:
+        model = inject_adapter_in_model(config, model)
+    except ValueError as err:
+        raise ValueError(f"backbone.lora.target_modules {list(settings.target_modules)}: {err}") from err
+    if settings.train_head:
+        for param in model.get_classifier().parameters():
+            param.requires_grad_(True)
+    return model
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    keys = classifier_keys(model)
+    params = dict(model.named_parameters())
+    return {k for k in keys if k in params and params[k].requires_grad}
+
+
+def trainable_state(model: nn.Module) -> State:
+    """Copy of every trainable tensor, keyed by global names."""
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    full = model.state_dict()
+    for key in sorted(_head_keys(model)):
+        state[key] = full[key].detach().clone()
+    return state
+
+
+def check_state_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``StateMismatchError`` unless ``state`` has exactly the expected names and shapes."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise StateMismatchError(f"state does not fit: missing {missing[:4]} ({len(missing)}), "
+                                 f"unexpected {unexpected[:4]} ({len(unexpected)})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise StateMismatchError(f"{key}: shape {tuple(value.shape)}, "
+                                     f"expected {tuple(expected[key].shape)}")
+
+
+def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a global-named trainable state; every trainable tensor must be given, nothing else."""
+    check_state_fits(trainable_state(model), state)
+    heads = _head_keys(model)
+    lora = {k: v for k, v in state.items() if k not in heads}
+    result = set_peft_model_state_dict(model, lora)
+    unplaced = [k for k in result.unexpected_keys]
+    unloaded = [k for k in result.missing_keys if "lora_" in k]
+    if unplaced or unloaded:
+        raise StateMismatchError(f"LoRA tensors not placed: {unplaced[:4]}; not loaded: {unloaded[:4]}")
+    if heads:
+        model.load_state_dict({k: state[k] for k in heads}, strict=False)
+
+
+def is_block_key(key: str) -> bool:
+    """True for tensors that belong to a transformer block (``blocks.<i>.…``)."""
+    return key.startswith("blocks.") and key.split(".", 2)[1].isdigit()
+
+
+def block_of(key: str) -> int | None:
+    """Global block index of a key, or None for shared tensors (head, embedding)."""
+    return int(key.split(".", 2)[1]) if is_block_key(key) else None
+
+
+def slice_state(state: Mapping[str, torch.Tensor], layers: list[int]) -> State:
+    """The part of a global state a client holding ``layers`` needs: its blocks and shared keys."""
+    held = set(layers)
+    return {k: v for k, v in state.items() if block_of(k) is None or block_of(k) in held}

@@ -1,0 +1,147 @@
+"""The built-in backbone: a small 12-block ViT pretrained here, on synthetic shapes.
+
+The embedded default must run offline, so its backbone cannot come from a hub. This
+module pretrains one once, on a synthetic shapes-and-textures task that shares no
+data and no labels with the tuning benchmark, and writes it as a backbone cache.
+Only the server (or ``python -m fedra_core.pretrain``) builds it; clients only read.
+"""
+
+import fcntl
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedra_core.backbone import BackboneCacheError, CacheMeta, import_timm, read_meta, write_cache
+
+logger = logging.getLogger(__name__)
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "digits-vit": {
+        "timm_name": "vit_tiny_patch16_224",
+        "kwargs": {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 12,
+                   "num_heads": 4, "mlp_ratio": 2.0},
+        "num_images": 16000,
+        "epochs": 4,
+        "batch_size": 128,
+        "lr": 2e-3,
+    },
+}
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _shapes(recipe: dict[str, Any], seed: int) -> tuple[Any, int]:
+    from fedra_core.data import synthetic_shapes
+
+    result = synthetic_shapes(recipe["num_images"], image_size=recipe["kwargs"]["img_size"], seed=seed)
+    dataset, classes = result if isinstance(result, tuple) else (result, result.classes)
+    return dataset, len(classes)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Style jitter for pretraining: polarity, per-channel gain and sensor noise.
+
+    Images are normalized to about [-1, 1], so negation inverts polarity. Styles the
+    tuning data may show (dark on light, coloured, noisy) then look familiar to the
+    backbone without it ever seeing that data.
+    """
+    n = images.shape[0]  # images: (B, 3, H, W)
+    sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).view(n, 1, 1, 1)
+    gain = 0.6 + 0.8 * torch.rand(n, 3, 1, 1, generator=generator)
+    noisy = (torch.rand(n, generator=generator) < 0.4).float().view(n, 1, 1, 1)
+    sigma = 0.7 * torch.rand(n, 1, 1, 1, generator=generator) * noisy
+    noise = torch.randn(images.shape, generator=generator) * sigma
+    return (images * sign * gain + noise).clamp(-2.0, 2.0)
+
+
+def pretrain(recipe_name: str, seed: int = 0, threads: int | None = None) -> nn.Module:
+    """Pretrain the recipe's ViT on synthetic shapes (all weights, AdamW, cosine)."""
+    recipe = RECIPES[recipe_name]
+    timm = import_timm()
+    dataset, num_classes = _shapes(recipe, seed)
+    if threads:
+        torch.set_num_threads(threads)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = timm.create_model(recipe["timm_name"], num_classes=num_classes, **recipe["kwargs"])
+        loader = DataLoader(dataset, batch_size=recipe["batch_size"], shuffle=True, drop_last=True)
+        total = recipe["epochs"] * len(loader)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.05)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total)))
+        model.train()
+        start, step = time.perf_counter(), 0
+        generator = torch.Generator().manual_seed(seed)
+        for epoch in range(recipe["epochs"]):
+            correct, seen = 0, 0
+            for images, labels in loader:
+                logits = model(augment(images, generator))
+                loss = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += labels.numel()
+                step += 1
+            logger.info("pretraining %s: epoch %d/%d, accuracy %.3f, %.0f s", recipe_name, epoch + 1,
+                        recipe["epochs"], correct / seen, time.perf_counter() - start)
+    return model.eval()
+
+
+def ensure_builtin_backbone(cache_dir: Path, recipe_name: str, seed: int = 0) -> CacheMeta:
+    """Return the cache's metadata, pretraining and writing it first if it is missing.
+
+    Concurrent callers wait on a lock beside the cache, so only one pretrains; the
+    cache directory itself appears atomically (see ``write_cache``).
+    """
+    if recipe_name not in RECIPES:
+        raise BackboneCacheError(f"unknown builtin backbone {recipe_name!r}; known: {sorted(RECIPES)}")
+    cache_dir = Path(cache_dir).expanduser()
+    try:
+        return read_meta(cache_dir)
+    except BackboneCacheError:
+        pass
+    with _file_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
+        try:
+            return read_meta(cache_dir)
+        except BackboneCacheError:
+            logger.info("building the builtin backbone %s into %s (once)", recipe_name, cache_dir)
+        recipe = RECIPES[recipe_name]
+        model = pretrain(recipe_name, seed)
+        return write_cache(model, recipe["timm_name"], recipe["kwargs"], cache_dir)
+
+
+def main() -> None:
+    """Command line: ``python -m fedra_core.pretrain CACHE_DIR [--recipe digits-vit]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a builtin backbone cache.")
+    parser.add_argument("cache_dir", type=Path)
+    parser.add_argument("--recipe", default="digits-vit", choices=sorted(RECIPES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    meta = ensure_builtin_backbone(args.cache_dir, args.recipe, args.seed)
+    print(f"{args.cache_dir}: {meta.timm_name}, {meta.num_layers} blocks")
+
+
+if __name__ == "__main__":
+    main()

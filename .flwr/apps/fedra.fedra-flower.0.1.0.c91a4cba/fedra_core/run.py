@@ -1,0 +1,149 @@
+"""The server's side of a run, framework-free: setup, per-round records, final output."""
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedra_core.backbone import CacheMeta, read_meta
+from fedra_core.config import ConfigError, Experiment
+from fedra_core.datasets import domain_names, test_sets
+from fedra_core.evaluation import GlobalModel
+from fedra_core.lora import State
+from fedra_core.plots import plot_accuracy, plot_allocations
+from fedra_core.pretrain import ensure_builtin_backbone
+from fedra_core.records import CheckpointError, RunOutput
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_backbone(experiment: Experiment) -> CacheMeta:
+    """Read the backbone cache, building a builtin one first when it is missing."""
+    cache = experiment.backbone.cache_path
+    if experiment.backbone.builtin:
+        return ensure_builtin_backbone(cache, experiment.backbone.builtin, seed=0)
+    return read_meta(cache)
+
+
+def check_experiment(experiment: Experiment, meta: CacheMeta) -> None:
+    """Errors that need the backbone and the data: capacities against depth, client count."""
+    for client, capacity in enumerate(experiment.clients.capacities):
+        if not 1 <= capacity <= meta.num_layers:
+            raise ConfigError(f"clients.capacities[{client}] = {capacity} is outside 1..{meta.num_layers} "
+                              f"(the backbone {meta.timm_name} has {meta.num_layers} blocks)")
+    domains = domain_names(experiment.data)
+    expected = len(domains) * experiment.data.clients_per_domain
+    if expected != experiment.num_clients:
+        raise ConfigError(f"clients.capacities has {experiment.num_clients} entries but the data has "
+                          f"{len(domains)} domains x {experiment.data.clients_per_domain} clients per domain "
+                          f"= {expected} clients")
+
+
+def unique_run_dir(base: Path, name: str) -> Path:
+    """``base/name``, or ``base/name-2``, ``-3``... so a finished run is never overwritten."""
+    candidate, n = base / name, 1
+    while (candidate / "rounds.jsonl").exists():
+        n += 1
+        candidate = base / f"{name}-{n}"
+    return candidate
+
+
+class ServerRun:
+    """Everything the server does around the strategy: setup, evaluation, records, output."""
+
+    def __init__(self, experiment: Experiment, run_dir: Path, resume: bool = False) -> None:
+        self.experiment = experiment
+        self.output = RunOutput(run_dir)
+        self.meta = prepare_backbone(experiment)
+        check_experiment(experiment, self.meta)
+        self.test_sets, self.num_classes = test_sets(experiment, self.meta)
+        device = experiment.training.device
+        self.model = GlobalModel(experiment.backbone.cache_path, self.num_classes, experiment.backbone.lora,
+                                 device=device if torch.cuda.is_available() or device == "cpu" else "cpu",
+                                 seed=experiment.seed)
+        self.start_round = 0
+        self.rng = np.random.default_rng(experiment.seed)
+        self.state = self.model.initial_state()
+        if resume:
+            self._resume()
+        else:
+            self.output.write_config(experiment, {"backbone": self.meta.timm_name, "num_layers": self.meta.num_layers})
+        self.started = time.perf_counter()
+        self._round_started = time.perf_counter()
+
+    def _resume(self) -> None:
+        try:
+            state, last_round, rng, _ = self.output.load_checkpoint()
+        except CheckpointError as err:
+            raise ConfigError(f"resume: {err}") from err
+        if set(state) != set(self.state):
+            raise ConfigError(f"resume: the checkpoint in {self.output.dir} does not fit this experiment's model")
+        self.state, self.start_round, self.rng = state, last_round, rng
+        self.output.truncate_rounds(last_round)
+        logger.info("resuming %s after round %d", self.output.dir, last_round)
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta.num_layers
+
+    @property
+    def remaining_rounds(self) -> int:
+        return self.experiment.training.rounds - self.start_round
+
+    def end_round(self, server_round: int, state: Mapping[str, torch.Tensor],
+                  train_record: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Evaluate the global model, write the round's record and the checkpoint."""
+        eval_start = time.perf_counter()
+        results = self.model.evaluate(state, self.test_sets, self.experiment.training.eval_batch_size)
+        accuracy = {name: r["accuracy"] for name, r in results.items()}
+        record: dict[str, Any] = {"round": server_round, **(train_record or {})}
+        record.update({
+            "accuracy": accuracy,
+            "mean_accuracy": float(np.mean(list(accuracy.values()))),
+            "loss": {name: r["loss"] for name, r in results.items()},
+            "eval_seconds": time.perf_counter() - eval_start,
+            "round_seconds": time.perf_counter() - self._round_started,
+            "elapsed_seconds": time.perf_counter() - self.started,
+        })
+        self.output.append_round(record)
+        if server_round > 0:
+            self.state = {k: v.detach().clone() for k, v in state.items()}
+            self.output.save_checkpoint(self.state, server_round, self.rng)
+        self._round_started = time.perf_counter()
+        return record
+
+    def finish(self) -> str:
+        """Write the final adapters and plots; return the results table as Markdown."""
+        records = self.output.read_rounds()
+        self.output.save_adapters(self.state, {"backbone": self.meta.timm_name, "method":
+                                               self.experiment.strategy.method,
+                                               "rounds": str(records[-1]["round"] if records else 0)})
+        plot_accuracy(records, self.output.dir / "accuracy.png", title=self.experiment.name)
+        plot_allocations(records, self.output.dir / "allocation.png")
+        table = results_table(records)
+        (self.output.dir / "results.md").write_text(table + "\n")
+        return table
+
+
+def results_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table: accuracy per domain and mean, before tuning and after the last round."""
+    evaluated = [r for r in records if r.get("accuracy")]
+    if not evaluated:
+        return "(no evaluated round)"
+    domains = list(evaluated[0]["accuracy"])
+    header = "| | " + " | ".join(domains) + " | mean |\n|---|" + "---|" * (len(domains) + 1)
+    lines = [header]
+    for record in (evaluated[0], evaluated[-1]):
+        label = "untuned (round 0)" if record["round"] == 0 else f"round {record['round']}"
+        cells = " | ".join(f"{100 * record['accuracy'][d]:.1f}" for d in domains)
+        lines.append(f"| {label} | {cells} | **{100 * record['mean_accuracy']:.1f}** |")
+    return "\n".join(lines)
+
+
+def describe_state(state: State) -> str:
+    """Tensors and bytes of a state, for logs."""
+    return f"{len(state)} tensors, {sum(v.numel() * v.element_size() for v in state.values()) / 1e6:.2f} MB"

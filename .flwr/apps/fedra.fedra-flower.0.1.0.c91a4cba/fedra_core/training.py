@@ -1,0 +1,146 @@
+"""One local training loop shared by FedRA and every baseline, and evaluation."""
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedra_core.config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+# (model, images, labels) -> (logits, loss): the default is plain cross-entropy; a
+# baseline that needs an extra loss term (DepthFL's distillation) passes its own.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training run did."""
+
+    num_examples: int
+    steps: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_examples / self.seconds if self.seconds > 0 else 0.0
+
+
+def cross_entropy_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain classification loss."""
+    logits = model(images)  # (B, num_classes)
+    return logits, nn.functional.cross_entropy(logits, labels)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision context for ``bf16``/``fp16``; a no-op for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper) or AdamW."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _batches(loader: DataLoader, steps: int | None, epochs: int) -> Iterator[tuple]:
+    """Epochs over the loader, or exactly ``steps`` batches cycling through it."""
+    if steps is None:
+        for _ in range(epochs):
+            yield from loader
+        return
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def train_local(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: TrainingConfig,
+    device: torch.device,
+    loss_fn: LossFn = cross_entropy_loss,
+) -> TrainResult:
+    """Train the model's trainable parameters on ``loader``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The (sub-)model, already on ``device``; only parameters with
+        ``requires_grad`` are optimized.
+    loader : DataLoader
+        Local training data.
+    cfg : TrainingConfig
+        Optimizer, learning rate, epochs or steps, clipping and precision.
+    device : torch.device
+        Where batches are moved.
+    loss_fn : LossFn
+        Returns ``(logits, loss)`` for a batch.
+
+    Returns
+    -------
+    TrainResult
+        Examples seen, steps, mean loss and accuracy, seconds.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = make_optimizer(params, cfg)
+    model.train()
+    seen, steps = 0, 0
+    correct = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+    start = time.perf_counter()
+    for images, labels in _batches(loader, cfg.local_steps, cfg.local_epochs):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, cfg.precision):
+            logits, loss = loss_fn(model, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        seen += labels.shape[0]
+        correct += (logits.argmax(dim=1) == labels).sum()
+        loss_sum += loss.detach().float() * labels.shape[0]
+        steps += 1
+    mean_loss = float(loss_sum) / max(seen, 1)  # one sync, at the end
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"local training diverged: mean loss {mean_loss} over {steps} steps")
+    seconds = time.perf_counter() - start
+    model.eval()
+    return TrainResult(seen, steps, mean_loss, float(correct) / max(seen, 1), seconds)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32"
+             ) -> tuple[float, float, int]:
+    """Mean loss, accuracy and number of examples of ``model`` on ``loader``."""
+    model.eval()
+    seen, correct, loss_sum = 0, 0, 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast(device, precision):
+            logits = model(images)
+        loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        seen += labels.numel()
+    return loss_sum / max(seen, 1), correct / max(seen, 1), seen

@@ -1,0 +1,293 @@
+"""The FedRA Strategy: random block allocation, per-block masked averaging."""
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedra_core.aggregation import InvalidReply, check_delta, masked_average
+from fedra_core.allocation import allocate, layers_of
+from fedra_core.config import Experiment
+from fedra_core.lora import State, slice_state
+
+QUERY_TIMEOUT = 120.0
+
+
+class FederationTooSmall(RuntimeError):
+    """Fewer nodes exist than the experiment has clients."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node declared when asked before its first round."""
+
+    node_id: int
+    partition_id: int
+    max_layers: int
+    domain: str
+    num_examples: int
+
+
+@dataclass
+class PendingRound:
+    """What was sent in a round, to check and aggregate the replies against."""
+
+    server_round: int
+    state: State
+    nodes: list[NodeInfo]
+    matrix: np.ndarray
+    sent: dict[int, State] = field(default_factory=dict)  # node id -> sliced state
+    messages: list[Message] = field(default_factory=list)
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply answers, also for errors the SuperLink sends on its behalf."""
+        return node_of_reply(reply, self.messages)
+
+
+def node_of_reply(reply: Message, sent: list[Message]) -> int:
+    """Map a reply to the node its request went to (a dead node's error comes from the SuperLink)."""
+    by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def unpack_delta(reply: Message) -> tuple[State, dict[str, float]]:
+    """The delta and metrics of a train reply; ``InvalidReply`` when they are absent or bad."""
+    content = reply.content
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        raise InvalidReply("reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord")
+    metrics = dict(content.metric_records["metrics"])
+    examples = metrics.get("num-examples")
+    if not isinstance(examples, (int, float)) or examples <= 0:
+        raise InvalidReply(f"num-examples must be positive, got {examples!r}")
+    try:
+        delta = dict(content.array_records["arrays"].to_torch_state_dict())
+    except (TypeError, ValueError) as err:
+        raise InvalidReply(f"arrays cannot be read as tensors: {err}") from err
+    return delta, metrics
+
+
+class FedRA(Strategy):
+    """FedRA (Su et al., ECCV 2024) for heterogeneous clients, on Flower's Message API.
+
+    Each round it samples clients, draws an allocation matrix from their declared
+    capacities, sends every client only the global state of its blocks plus the
+    shared parts, checks each reply and averages every tensor over the clients that
+    trained it.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The resolved experiment (method, sampling, weighting, training settings).
+    num_layers : int
+        Depth of the backbone.
+    rng : numpy.random.Generator
+        The run's only source of randomness on the server (sampling and allocation).
+    round_offset : int
+        Rounds already done before this start (resuming).
+    """
+
+    def __init__(self, experiment: Experiment, num_layers: int, rng: np.random.Generator,
+                 round_offset: int = 0) -> None:
+        self.experiment = experiment
+        self.cfg = experiment.strategy
+        self.num_layers = num_layers
+        self.rng = rng
+        self.round_offset = round_offset
+        self.nodes: dict[int, NodeInfo] = {}
+        self.excluded: dict[int, str] = {}
+        self.pending: PendingRound | None = None
+        self.last_record: dict[str, Any] = {}
+        self._experiment_json = experiment.to_json()
+
+    def summary(self) -> None:
+        """Log the strategy's settings as a small tree."""
+        cfg = self.cfg
+        log(INFO, "\t├──> Allocation: %s over %d blocks", cfg.method, self.num_layers)
+        log(INFO, "\t├──> Sampling: %s per round%s, at least %d",
+            cfg.clients_per_round or "all", " (one per domain)" if cfg.one_per_domain else "",
+            cfg.min_clients)
+        log(INFO, "\t├──> Aggregation: masked mean per tensor, %s weights", cfg.weighting)
+        log(INFO, "\t└──> Clients known: %d", len(self.nodes))
+
+    # ---------------------------------------------------------------- nodes
+    def discover(self, grid: Grid, wait_for: int = 0, wait_timeout: float = 300.0) -> None:
+        """Ask every node not yet known for its capacity; wait for ``wait_for`` valid nodes."""
+        deadline = time.monotonic() + wait_timeout
+        while True:
+            fresh = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.excluded]
+            if fresh:
+                self._query(grid, fresh)
+            if len(self.nodes) >= wait_for or time.monotonic() > deadline:
+                return
+            log(INFO, "Waiting for clients: %d of %d have declared their capacity", len(self.nodes), wait_for)
+            time.sleep(1.0)
+
+    def _query(self, grid: Grid, node_ids: list[int]) -> None:
+        content = RecordDict({"config": ConfigRecord({"experiment": self._experiment_json})})
+        messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+        replies = grid.send_and_receive(messages, timeout=min(QUERY_TIMEOUT, self.cfg.reply_timeout))
+        for reply in replies:
+            node_id = node_of_reply(reply, messages)
+            try:
+                self.nodes[node_id] = self._node_info(node_id, reply)
+                info = self.nodes[node_id]
+                log(INFO, "Client %d: partition %d (%s), holds up to %d blocks, %d examples",
+                    node_id, info.partition_id, info.domain, info.max_layers, info.num_examples)
+            except InvalidReply as err:
+                self.excluded[node_id] = err.reason
+                log(WARNING, "Client %d excluded: %s", node_id, err.reason)
+
+    def _node_info(self, node_id: int, reply: Message) -> NodeInfo:
+        if reply.has_error():
+            raise InvalidReply(f"capacity query failed: {reply.error.reason}")
+        metrics = reply.content.metric_records.get("capacity")
+        config = reply.content.config_records.get("node")
+        if metrics is None or config is None:
+            raise InvalidReply("reply to the capacity query lacks 'capacity' or 'node'")
+        max_layers = metrics.get("max-layers")
+        if not isinstance(max_layers, int) or max_layers < 1:
+            raise InvalidReply(f"declared max-layers {max_layers!r} is not a positive integer")
+        pid = metrics.get("partition-id")
+        if not isinstance(pid, int) or not 0 <= pid < self.experiment.num_clients:
+            raise InvalidReply(f"declared partition-id {pid!r} is outside 0..{self.experiment.num_clients - 1}")
+        partitions = metrics.get("num-partitions", 0)
+        if isinstance(partitions, int) and 0 < partitions < self.experiment.num_clients:
+            raise FederationTooSmall(
+                f"the federation has {partitions} partitions (simulated SuperNodes) but the experiment has "
+                f"{self.experiment.num_clients} clients (clients.capacities); run with "
+                f"--federation-config 'num-supernodes={self.experiment.num_clients}' (deploy/simulate.py does)")
+        return NodeInfo(node_id, pid, min(max_layers, self.num_layers), str(config.get("domain", "")),
+                        int(metrics.get("num-examples", 0)))
+
+    def _sample(self, grid: Grid) -> list[NodeInfo]:
+        connected = set(grid.get_node_ids())
+        pool = sorted((n for n in self.nodes.values() if n.node_id in connected), key=lambda n: n.partition_id)
+        if self.cfg.one_per_domain:
+            domains = sorted({n.domain for n in pool})
+            chosen = [self.rng.choice([n for n in pool if n.domain == d]) for d in domains]
+        elif self.cfg.clients_per_round and self.cfg.clients_per_round < len(pool):
+            picks = self.rng.choice(len(pool), size=self.cfg.clients_per_round, replace=False)
+            chosen = [pool[i] for i in sorted(picks)]
+        else:
+            chosen = pool
+        if len(chosen) < self.cfg.min_clients:
+            raise RuntimeError(f"only {len(chosen)} clients are available, fewer than "
+                               f"strategy.min_clients = {self.cfg.min_clients}; stopping the run")
+        return sorted(chosen, key=lambda n: n.partition_id)
+
+    # ---------------------------------------------------------------- train
+    def allocation(self, nodes: list[NodeInfo]) -> np.ndarray:
+        """The round's allocation matrix, one row per sampled node (partition order)."""
+        return allocate([n.max_layers for n in nodes], self.num_layers, self.rng, method=self.cfg.method)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Sample, allocate, and send each node the state of its blocks and the shared parts."""
+        self.discover(grid)
+        nodes = self._sample(grid)
+        matrix = self.allocation(nodes)
+        state = dict(arrays.to_torch_state_dict())
+        pending = PendingRound(self.round_offset + server_round, state, nodes, matrix)
+        for row, node in enumerate(nodes):
+            layers = layers_of(matrix, row)
+            pending.sent[node.node_id] = slice_state(state, layers)
+            record = ArrayRecord(pending.sent[node.node_id])
+            pending.bytes_sent[node.node_id] = record.count_bytes()
+            cfg = ConfigRecord({**config, "server-round": pending.server_round, "layers": layers,
+                                "experiment": self._experiment_json})
+            content = RecordDict({"arrays": record, "config": cfg})
+            pending.messages.append(Message(content=content, message_type=MessageType.TRAIN,
+                                            dst_node_id=node.node_id))
+        self.pending = pending
+        log(INFO, "configure_train: %d clients, blocks held %s", len(nodes), matrix.sum(axis=1).tolist())
+        return pending.messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply, then average each tensor over the clients that trained it."""
+        pending = self.pending
+        if pending is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        outcomes = {n.node_id: {"status": "failed", "reason": "no reply within the timeout"} for n in pending.nodes}
+        deltas, weights = [], []
+        for reply in replies:
+            node_id = pending.node_of(reply)
+            if node_id not in pending.sent:
+                log(WARNING, "Ignoring a reply from node %s that was not sent a task", node_id)
+                continue
+            outcome, delta = self._check_reply(reply, pending.sent[node_id])
+            outcomes[node_id] = outcome
+            if delta is not None:
+                deltas.append(delta)
+                weights.append(float(outcome["num_examples"]))
+        self.last_record = self._round_record(pending, outcomes)
+        if not deltas:
+            log(WARNING, "Round %d: no valid reply; the global state is unchanged", pending.server_round)
+            return ArrayRecord(pending.state), None
+        use = None if self.cfg.weighting == "uniform" else weights
+        new_state = masked_average(pending.state, deltas, use)
+        return ArrayRecord(new_state), self._train_metrics(outcomes)
+
+    def _check_reply(self, reply: Message, sent: State) -> tuple[dict[str, Any], State | None]:
+        if reply.has_error():
+            log(WARNING, "Client failed: %s", reply.error.reason)
+            return {"status": "failed", "reason": reply.error.reason}, None
+        try:
+            delta, metrics = unpack_delta(reply)
+            check_delta(delta, sent)
+        except InvalidReply as err:
+            log(WARNING, "Rejected a reply: %s", err.reason)
+            return {"status": "rejected", "reason": err.reason}, None
+        outcome: dict[str, Any] = {"status": "ok", "num_examples": int(metrics["num-examples"]),
+                                   "bytes_received": reply.content.array_records["arrays"].count_bytes()}
+        outcome.update({k.replace("-", "_"): v for k, v in metrics.items() if k != "num-examples"})
+        return outcome, delta
+
+    def _round_record(self, pending: PendingRound, outcomes: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        rows = [{"node_id": n.node_id, "partition_id": n.partition_id, "domain": n.domain,
+                 "capacity": n.max_layers} for n in pending.nodes]
+        clients = [{**row, "layers": layers_of(pending.matrix, i), "bytes_sent": pending.bytes_sent[row["node_id"]],
+                    **outcomes[row["node_id"]]} for i, row in enumerate(rows)]
+        trained = [outcomes[n.node_id]["status"] == "ok" for n in pending.nodes]
+        return {
+            "round": pending.server_round,
+            "method": self.cfg.method,
+            "allocation": pending.matrix.astype(int).tolist(),
+            "rows": rows,
+            "clients": clients,
+            "blocks_trained": pending.matrix[trained].sum(axis=0).astype(int).tolist(),
+            "failures": [{"node_id": c["node_id"], "partition_id": c["partition_id"], "status": c["status"],
+                          "reason": c["reason"]} for c in clients if c["status"] != "ok"],
+            "train_wall_seconds": time.perf_counter() - pending.started,
+        }
+
+    @staticmethod
+    def _train_metrics(outcomes: dict[int, dict[str, Any]]) -> MetricRecord:
+        ok = [o for o in outcomes.values() if o["status"] == "ok"]
+        total = sum(o["num_examples"] for o in ok)
+        metrics = {"num-examples": total, "clients-ok": len(ok), "clients-failed": len(outcomes) - len(ok)}
+        for key in ("train_loss", "train_accuracy"):
+            values = [(o[key], o["num_examples"]) for o in ok if key in o]
+            if values:
+                metrics[key.replace("_", "-")] = sum(v * n for v, n in values) / max(total, 1)
+        return MetricRecord(metrics)
+
+    # ------------------------------------------------------------- evaluate
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The global model is evaluated on the server (see ``evaluate_fn``); no client round."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate: evaluation happens on the server."""
+        return None
+

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny real timm backbones written to real cache folders."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fedra_core.backbone import import_timm, write_cache  # noqa: E402
+
+TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 6, "num_heads": 2, "mlp_ratio": 2.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-block ViT (dim 32, 16x16 inputs) in a backbone cache."""
+    import torch
+
+    timm = import_timm()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=7, **TINY_VIT)
+    cache = tmp_path_factory.mktemp("backbones") / "tiny-vit"
+    write_cache(model, "vit_tiny_patch16_224", TINY_VIT, cache)
+    return cache
