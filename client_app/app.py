@@ -4,13 +4,14 @@ import json
 import os
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedra_core.backbone import read_meta
 from fedra_core.config import Experiment, NodeSettings, experiment_from_dict, resolve_node
 from fedra_core.datasets import ClientData, client_data
 from fedra_core.local import run_local_round
+from fedra_core.wire import decode, encode
 
 app = ClientApp()
 
@@ -44,7 +45,7 @@ def train(message: Message, context: Context) -> Message:
     experiment, node, data = _setup(message, context)
     config = message.content["config"]
     layers = [int(i) for i in config["layers"]]
-    received = dict(message.content["arrays"].to_torch_state_dict())
+    received = decode({k: a.numpy() for k, a in message.content["arrays"].items()})
     local = run_local_round(experiment, node, layers, received, data.train, data.num_classes,
                             int(config["server-round"]))
     metrics = MetricRecord({
@@ -58,4 +59,5 @@ def train(message: Message, context: Context) -> Message:
         "bytes-read": local.assembly.bytes_read,
         "steps": local.result.steps,
     })
-    return Message(RecordDict({"arrays": ArrayRecord(local.delta), "metrics": metrics}), reply_to=message)
+    wire = {k: Array(v) for k, v in encode(local.delta, str(config.get("wire-dtype", "float32"))).items()}
+    return Message(RecordDict({"arrays": ArrayRecord(wire), "metrics": metrics}), reply_to=message)

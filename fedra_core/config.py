@@ -111,6 +111,7 @@ class StrategyConfig:
     weighting: str = "uniform"
     min_clients: int = 1
     reply_timeout: float = 3600.0
+    wire_dtype: str = "float32"  # "bfloat16" halves the bytes of every message
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "strategy.method", self.method, f"one of {METHODS}")
@@ -120,6 +121,8 @@ class StrategyConfig:
                  "strategy.clients_per_round", self.clients_per_round, "null or >= 1")
         _require(self.min_clients >= 1, "strategy.min_clients", self.min_clients, ">= 1")
         _require(self.reply_timeout > 0, "strategy.reply_timeout", self.reply_timeout, "> 0")
+        _require(self.wire_dtype in ("float32", "bfloat16"), "strategy.wire_dtype", self.wire_dtype,
+                 "'float32' or 'bfloat16'")
 
 
 @dataclass(frozen=True)

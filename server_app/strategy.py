@@ -7,7 +7,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -16,6 +16,7 @@ from fedra_core.aggregation import InvalidReply, check_delta, masked_average
 from fedra_core.allocation import allocate, layers_of
 from fedra_core.config import Experiment
 from fedra_core.lora import State, slice_state
+from fedra_core.wire import decode, encode
 
 QUERY_TIMEOUT = 120.0
 
@@ -59,6 +60,21 @@ def node_of_reply(reply: Message, sent: list[Message]) -> int:
     return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
+def to_record(state: State, wire_dtype: str) -> ArrayRecord:
+    """An ArrayRecord carrying ``state`` in the wire dtype."""
+    return ArrayRecord({k: Array(v) for k, v in encode(state, wire_dtype).items()})
+
+
+def serialized_bytes(record: ArrayRecord) -> int:
+    """Bytes of the record as Flower serializes it: the record and every array (chunk) in it."""
+
+    def size(obj: object) -> int:
+        children = getattr(obj, "children", None) or {}
+        return len(obj.deflate()) + sum(size(child) for child in children.values())  # type: ignore[attr-defined]
+
+    return size(record)
+
+
 def unpack_delta(reply: Message) -> tuple[State, dict[str, float]]:
     """The delta and metrics of a train reply; ``InvalidReply`` when they are absent or bad."""
     content = reply.content
@@ -69,7 +85,7 @@ def unpack_delta(reply: Message) -> tuple[State, dict[str, float]]:
     if not isinstance(examples, (int, float)) or examples <= 0:
         raise InvalidReply(f"num-examples must be positive, got {examples!r}")
     try:
-        delta = dict(content.array_records["arrays"].to_torch_state_dict())
+        delta = decode({k: a.numpy() for k, a in content.array_records["arrays"].items()})
     except (TypeError, ValueError) as err:
         raise InvalidReply(f"arrays cannot be read as tensors: {err}") from err
     return delta, metrics
@@ -200,10 +216,10 @@ class FedRA(Strategy):
         for row, node in enumerate(nodes):
             layers = layers_of(matrix, row)
             pending.sent[node.node_id] = slice_state(state, layers)
-            record = ArrayRecord(pending.sent[node.node_id])
-            pending.bytes_sent[node.node_id] = record.count_bytes()
+            record = to_record(pending.sent[node.node_id], self.cfg.wire_dtype)
+            pending.bytes_sent[node.node_id] = serialized_bytes(record)
             cfg = ConfigRecord({**config, "server-round": pending.server_round, "layers": layers,
-                                "experiment": self._experiment_json})
+                                "wire-dtype": self.cfg.wire_dtype, "experiment": self._experiment_json})
             content = RecordDict({"arrays": record, "config": cfg})
             pending.messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                             dst_node_id=node.node_id))
@@ -248,7 +264,7 @@ class FedRA(Strategy):
             log(WARNING, "Rejected a reply: %s", err.reason)
             return {"status": "rejected", "reason": err.reason}, None
         outcome: dict[str, Any] = {"status": "ok", "num_examples": int(metrics["num-examples"]),
-                                   "bytes_received": reply.content.array_records["arrays"].count_bytes()}
+                                   "bytes_received": serialized_bytes(reply.content.array_records["arrays"])}
         outcome.update({k.replace("-", "_"): v for k, v in metrics.items() if k != "num-examples"})
         return outcome, delta
 

@@ -5,7 +5,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -137,3 +137,25 @@ def test_too_few_clients_stops_with_a_clear_message() -> None:
     strategy.nodes = {1: NodeInfo(1, 0, 2, "a", 5), 2: NodeInfo(2, 1, 2, "b", 5)}
     with pytest.raises(RuntimeError, match="min_clients"):
         list(strategy.configure_train(1, ArrayRecord(_global_state()), ConfigRecord(), StaticGrid([1, 2])))
+
+
+def test_bfloat16_wire_halves_the_bytes_and_aggregates() -> None:
+    experiment = experiment_from_dict({"clients": {"capacities": [4]}, "strategy": {"wire_dtype": "bfloat16"}})
+    strategy = FedRA(experiment, NUM_LAYERS, np.random.default_rng(0))
+    strategy.nodes = {100: NodeInfo(100, 0, 4, "d0", 10)}
+    state = {k: torch.randn(64, 256) for k in _global_state()}  # large enough that headers are noise
+    (message,) = strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), StaticGrid([100]))
+    arrays = message.content["arrays"]
+    assert all(a.numpy().dtype == np.uint16 for a in arrays.values())
+    assert message.content["config"]["wire-dtype"] == "bfloat16"
+    raw = sum(v.numel() * 4 for v in state.values())
+    assert strategy.pending.bytes_sent[100] < 0.6 * raw
+
+    from fedra_core.wire import encode
+
+    delta = encode({k: torch.full_like(v, 0.25) for k, v in state.items()}, "bfloat16")
+    reply = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in delta.items()}),
+                                "metrics": MetricRecord({"num-examples": 3})}), reply_to=message)
+    new_state, _ = strategy.aggregate_train(1, [reply])
+    for key, value in state.items():
+        torch.testing.assert_close(new_state.to_torch_state_dict()[key], value + 0.25)
