@@ -10,7 +10,6 @@ from flwr.clientapp import ClientApp
 from fedra_core.backbone import read_meta
 from fedra_core.config import Experiment, NodeSettings, experiment_from_dict, resolve_node
 from fedra_core.datasets import ClientData, client_data
-from fedra_core.local import run_local_round
 from fedra_core.wire import decode, encode
 
 app = ClientApp()
@@ -42,6 +41,8 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     """Assemble the sub-model of the sent blocks, train it locally, reply with the deltas."""
     start = time.perf_counter()
+    from fedra_core.local import run_local_round  # torch models and peft: only needed to train
+
     experiment, node, data = _setup(message, context)
     config = message.content["config"]
     layers = [int(i) for i in config["layers"]]

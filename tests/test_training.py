@@ -1,0 +1,82 @@
+"""The shared training loop and a client's local round on a tiny real ViT."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fedra_core.config import LoraSettings, TrainingConfig, experiment_from_dict, resolve_node
+from fedra_core.evaluation import GlobalModel
+from fedra_core.local import resolve_device, run_local_round
+from fedra_core.lora import slice_state
+
+
+def _toy_data(n: int = 64, classes: int = 4) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % classes
+    images = torch.randn(n, 3, 16, 16, generator=gen) * 0.1 + labels.view(n, 1, 1, 1) * 0.5
+    return TensorDataset(images, labels)
+
+
+def _experiment(cache: Path, **training: object) -> object:
+    return experiment_from_dict({
+        "backbone": {"cache": str(cache), "lora": {"rank": 4, "alpha": 4, "dropout": 0.0}},
+        "clients": {"capacities": [6, 2]},
+        "training": {"local_steps": 6, "batch_size": 16, "optimizer": "adamw", "lr": 0.01, **training},
+    })
+
+
+def test_local_round_trains_only_what_was_sent_and_is_reproducible(tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tiny_vit_cache)
+    node = resolve_node(experiment, {"partition-id": 1})
+    global_state = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
+    received = slice_state(global_state, [1, 4])
+
+    first = run_local_round(experiment, node, [1, 4], received, _toy_data(), 4, server_round=3)
+    again = run_local_round(experiment, node, [1, 4], received, _toy_data(), 4, server_round=3)
+
+    assert set(first.delta) == set(received)
+    assert first.delta["blocks.4.mlp.fc2.lora_B.weight"].abs().sum() > 0
+    assert first.result.steps == 6 and first.result.num_examples == 96
+    assert all(torch.equal(first.delta[k], again.delta[k]) for k in first.delta)
+    assert first.assembly.tensors_read < 40
+
+
+def test_too_many_blocks_for_the_node_is_refused(tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tiny_vit_cache)
+    node = resolve_node(experiment, {"partition-id": 1})  # holds 2
+    state = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
+    with pytest.raises(ValueError, match="at most 2"):
+        run_local_round(experiment, node, [0, 1, 2], slice_state(state, [0, 1, 2]), _toy_data(), 4, 1)
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tiny_vit_cache, precision="bf16")
+    node = resolve_node(experiment, {"partition-id": 0})
+    state = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
+    out = run_local_round(experiment, node, [0, 5], slice_state(state, [0, 5]), _toy_data(), 4, 1)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.delta.values())
+
+
+def test_training_lowers_the_loss(tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tiny_vit_cache, local_steps=30)
+    node = resolve_node(experiment, {"partition-id": 0})
+    model = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora)
+    state = model.initial_state()
+    before = model.evaluate(state, {"toy": _toy_data()})["toy"]["loss"]
+    out = run_local_round(experiment, node, list(range(6)), state, _toy_data(), 4, 1)
+    after = model.evaluate({k: state[k] + out.delta[k] for k in state}, {"toy": _toy_data()})["toy"]["loss"]
+    assert after < before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
+def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+
+
+def test_training_config_rejects_bad_device() -> None:
+    with pytest.raises(ValueError, match="training.device"):
+        TrainingConfig(device="gpu0")
+    assert LoraSettings().target_modules == ("attn.proj", "mlp.fc2")
