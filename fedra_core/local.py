@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from fedra_core.backbone import AssemblyStats, assemble
 from fedra_core.config import Experiment, NodeSettings
 from fedra_core.lora import State, attach_lora, load_trainable_state, trainable_state
-from fedra_core.training import TrainResult, evaluate, train_local
+from fedra_core.training import TrainResult, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,3 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     delta = {k: (trained[k] - received[k].to(device)).cpu() for k in received}
     return LocalRound(delta, result, stats, setup)
 
-
-def evaluate_local(experiment: Experiment, node: NodeSettings, received: Mapping[str, torch.Tensor],
-                   test_set: torch.utils.data.Dataset, num_classes: int) -> tuple[float, float, int]:
-    """Loss, accuracy and count of the full-depth global model on local test data."""
-    model, _ = build_submodel(experiment, node, None, num_classes, received)  # type: ignore[arg-type]
-    device = next(model.parameters()).device
-    loader = DataLoader(test_set, batch_size=experiment.training.eval_batch_size)
-    return evaluate(model, loader, device, experiment.training.precision)

@@ -62,9 +62,11 @@ class ServerRun:
         check_experiment(experiment, self.meta)
         self.test_sets, self.num_classes = test_sets(experiment, self.meta)
         device = experiment.training.device
+        if device != "cpu" and not torch.cuda.is_available():
+            logger.info("the server has no CUDA: the global model is evaluated on the CPU")
+            device = "cpu"
         self.model = GlobalModel(experiment.backbone.cache_path, self.num_classes, experiment.backbone.lora,
-                                 device=device if torch.cuda.is_available() or device == "cpu" else "cpu",
-                                 seed=experiment.seed)
+                                 device=device, seed=experiment.seed)
         self.start_round = 0
         self.rng = np.random.default_rng(experiment.seed)
         self.state = self.model.initial_state()
