@@ -1,1 +1,0 @@
-"""Flower ClientApp: sub-model assembly and local LoRA training on each device."""

@@ -1,1 +1,0 @@
-"""Flower ServerApp and the FedRA Strategy."""
