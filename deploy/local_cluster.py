@@ -12,8 +12,9 @@ The same steps a deployment on real machines takes, shown on one host:
 5. ``flwr run . cluster --stream``.
 
 Everything lives in ``--workdir`` (its own ``FLWR_HOME``, credentials, logs, and
-``pids.json``), every port is free, and every process started here is stopped by PID
-(process group) when the run ends, fails, or the launcher gets SIGINT/SIGTERM.
+``pids.json``), every port is free, and every process started here (with the SuperExec
+sessions those started) is stopped by PID, process group by process group, when the
+run ends, fails, or the launcher gets SIGINT/SIGTERM.
 
     python deploy/local_cluster.py                               # 3 nodes holding 12, 6, 3 blocks
     python deploy/local_cluster.py --max-layers 12,8,4,3 -c "experiment='configs/default.yaml'"
@@ -35,7 +36,7 @@ DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 sys.path.insert(0, str(DEPLOY))
 
-from simulate import free_port, stop  # noqa: E402
+from simulate import free_port, stop, superexec_pids  # noqa: E402
 
 CONNECTION = "cluster"
 DEFAULT_EXPERIMENT = "deploy/cluster.yaml"
@@ -134,9 +135,15 @@ def run_app(run_config: str, env: dict[str, str], connection: str = CONNECTION) 
 
 
 def stop_processes(processes: dict[str, subprocess.Popen]) -> None:
-    """Stop every process started here (nodes first, then the SuperLink), by PID."""
+    """Stop every process started here, and the SuperExec sessions they started, by PID.
+
+    A SuperLink or SuperNode starts its ``flower-superexec`` in a session of its own
+    (``--parent-pid``), and that session runs the ServerApp or ClientApp: stopping the
+    parent alone would leave a run going.
+    """
     order = [name for name in processes if name != "superlink"] + ["superlink"]
-    stop([processes[name].pid for name in order if name in processes])
+    pids = [processes[name].pid for name in order if name in processes]
+    stop([child for pid in pids for child in superexec_pids(pid)] + pids)
     for process in processes.values():
         try:
             process.wait(timeout=5)

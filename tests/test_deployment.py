@@ -93,7 +93,8 @@ class Cluster:
     def kill(self, name: str) -> None:
         """Kill a node and everything it started (its ClientApp runtime), as a crash would."""
         process = self.processes.pop(name)
-        os.killpg(process.pid, signal.SIGKILL)
+        for pid in local_cluster.superexec_pids(process.pid) + [process.pid]:
+            os.killpg(pid, signal.SIGKILL)
         process.wait(timeout=10)
 
     def stop(self) -> None:
