@@ -50,6 +50,17 @@ def tool_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def node_env(env: dict[str, str], num_nodes: int) -> dict[str, str]:
+    """A SuperNode's environment on a shared host: its share of the cores for torch.
+
+    On its own device a ClientApp may use every core; N nodes on one host each using
+    every core oversubscribe it many times over (Flower's simulation gives each client
+    one core for the same reason). ``OMP_NUM_THREADS`` set by the user wins.
+    """
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, num_nodes))
+    return {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(threads))}
+
+
 def make_credentials(workdir: Path, node_names: Sequence[str]) -> tuple[Path, Path]:
     """CA + server certificate for the loopback addresses, and a key pair per node name."""
     certs, keys = workdir / "certs", workdir / "keys"
@@ -196,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (name, capacity) in enumerate(zip(names, args.max_layers)):
             register(keys / f"{name}.pub", env)
             config = node_config(i, len(names), capacity, args.node_config)
-            processes[name] = start_supernode(workdir, name, port, config, env, certs / "ca.crt", keys / name)
+            processes[name] = start_supernode(workdir, name, port, config, node_env(env, len(names)),
+                                              certs / "ca.crt", keys / name)
             print(f"{name}: --node-config \"{config}\" (log {workdir / 'logs' / name}.log)", flush=True)
         (workdir / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}, indent=1))
         return run_app(args.run_config, env)

@@ -82,7 +82,8 @@ class Cluster:
         local_cluster.register(self.keys / f"{name}.pub", self.env)
 
     def start_node(self, name: str, config: str, ca: bool = True, key: str | None = None) -> subprocess.Popen:
-        process = local_cluster.start_supernode(self.workdir, name, self.port, config, self.env,
+        process = local_cluster.start_supernode(self.workdir, name, self.port, config,
+                                                local_cluster.node_env(self.env, 3),
                                                 self.certs / "ca.crt" if ca else None, self.keys / (key or name))
         self.processes[name] = process
         return process
