@@ -91,7 +91,7 @@ def start_superlink(workdir: Path, port: int, certs: Path, env: dict[str, str]) 
     command = ["flower-superlink", "--host", "127.0.0.1", "--port", str(port),
                "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
                "--ssl-ca-certfile", str(certs / "ca.crt"), "--enable-supernode-auth",
-               "--disable-runtime-dependency-installation", "--database", str(workdir / "superlink.db")]
+               "--disable-runtime-dependency-installation"]  # state in memory: a fresh federation per launch
     return spawn(command, workdir / "logs" / "superlink.log", env)
 
 

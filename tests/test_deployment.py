@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors import safe_open
 
 from fedra_core.config import experiment_from_dict
-from server_app.strategy import FedRA
+from server_app.strategy import FedRA, NodeInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
@@ -51,10 +52,9 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
         return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -138,6 +138,27 @@ def test_local_cluster_runs_with_tls_and_authentication(tmp_path: Path, tiny_vit
     assert "Uvicorn running on https://" in server_log  # TLS on the one SuperLink port
     pids = json.loads((tmp_path / "cluster" / "pids.json").read_text())
     assert len(pids) == 4 and not any(_alive(pid) for pid in pids.values())
+
+
+def test_local_cluster_stops_everything_on_sigterm(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=50)
+    pids_file = tmp_path / "cluster" / "pids.json"
+    command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(tmp_path / "cluster"),
+               "--max-layers", "2,1,1", "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                                start_new_session=True)
+    try:
+        _wait(lambda: len(_records(tmp_path / "out" / "tiny")) >= 1, 600, "the run to start")
+        pids = list(json.loads(pids_file.read_text()).values())
+        runtimes = [child for pid in pids for child in local_cluster.superexec_pids(pid)]
+
+        launcher.send_signal(signal.SIGTERM)
+
+        assert launcher.wait(timeout=120) == 130
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert runtimes and not any(_alive(pid) for pid in pids + runtimes)
 
 
 def test_unregistered_node_and_node_without_the_ca_are_refused(cluster_factory: Callable) -> None:
@@ -247,6 +268,17 @@ def test_node_declaring_no_valid_capacity_is_excluded_with_its_reason(run_identi
     assert list(strategy.nodes) == [1] and strategy.nodes[1].max_layers == 3
     assert "max-layers 0 is not a positive integer" in strategy.excluded[2]
     assert "memory-budget-mb=0.001 cannot hold one block" in strategy.excluded[3]
+
+
+def test_run_stops_with_a_message_when_fewer_than_min_clients_remain(run_identity: None) -> None:
+    experiment = experiment_from_dict({"clients": {"capacities": [4, 4, 4]}, "strategy": {"min_clients": 2}})
+    strategy = FedRA(experiment, 4, np.random.default_rng(0))
+    strategy.nodes = {n: NodeInfo(n, i, 4, DOMAINS[i], 10) for i, n in enumerate([1, 2, 3])}
+    grid = _QueryGrid({1: lambda m: m})  # nodes 2 and 3 are gone
+    state = ArrayRecord({"head.weight": torch.zeros(2, 2)})
+
+    with pytest.raises(RuntimeError, match="only 1 clients are available, fewer than strategy.min_clients = 2"):
+        strategy.configure_train(1, state, ConfigRecord(), grid)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- resume
