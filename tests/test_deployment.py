@@ -46,8 +46,10 @@ def _experiment(tmp_path: Path, cache: Path, rounds: int = 2, **strategy: object
 
 
 def _records(run_dir: Path) -> list[dict]:
+    """The complete records of rounds.jsonl (the server may be writing the next line)."""
     path = run_dir / "rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    text = path.read_text() if path.is_file() else ""
+    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def _alive(pid: int) -> bool:
@@ -94,8 +96,14 @@ class Cluster:
     def kill(self, name: str) -> None:
         """Kill a node and everything it started (its ClientApp runtime), as a crash would."""
         process = self.processes.pop(name)
-        for pid in local_cluster.superexec_pids(process.pid) + [process.pid]:
-            os.killpg(pid, signal.SIGKILL)
+        for pid in [process.pid] + local_cluster.superexec_pids(process.pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)  # a process group of its own...
+            except ProcessLookupError:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # ...or already gone with the node's group
+                except ProcessLookupError:
+                    pass
         process.wait(timeout=10)
 
     def stop(self) -> None:
@@ -148,7 +156,7 @@ def test_local_cluster_stops_everything_on_sigterm(tmp_path: Path, tiny_vit_cach
     launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
                                 start_new_session=True)
     try:
-        _wait(lambda: len(_records(tmp_path / "out" / "tiny")) >= 1, 600, "the run to start")
+        _wait(lambda: (tmp_path / "out" / "tiny").is_dir(), 600, "the ServerApp to start")
         pids = list(json.loads(pids_file.read_text()).values())
         runtimes = [child for pid in pids for child in local_cluster.superexec_pids(pid)]
 
@@ -179,12 +187,16 @@ def test_unregistered_node_and_node_without_the_ca_are_refused(cluster_factory: 
 def test_flwr_without_the_ca_is_refused(cluster_factory: Callable) -> None:
     cluster = cluster_factory(["member"])
     config = cluster.workdir / "flwr-home" / "config.toml"
-    config.write_text(config.read_text().replace("root-certificates", "# root-certificates"))
+    with_ca = config.read_text()
+    config.write_text(with_ca.replace("root-certificates", "# root-certificates"))
 
     result = subprocess.run(["flwr", "supernode", "register", str(cluster.keys / "member.pub"), "cluster"],
                             env=cluster.env, capture_output=True, text=True, timeout=120)
 
     assert result.returncode != 0 and "registered successfully" not in result.stdout
+    assert "Connection to the SuperLink is unavailable" in result.stdout + result.stderr
+    config.write_text(with_ca)
+    cluster.register("member")  # the same command with the CA goes through
 
 
 # ----------------------------------------------------------------------------- faults
