@@ -72,6 +72,14 @@ def simulation_pids(control_port: int) -> list[int]:
     return [pid for link in links for pid in superexec_pids(link)] + links
 
 
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and has not exited (an exited child waiting to be reaped has)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def stop(pids: list[int], grace: float = 10.0) -> None:
     """SIGTERM, then SIGKILL what is still alive after ``grace`` seconds."""
     for pid in pids:
@@ -83,7 +91,7 @@ def stop(pids: list[int], grace: float = 10.0) -> None:
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+    while time.monotonic() < deadline and any(running(p) for p in pids):
         time.sleep(0.2)
     for pid in pids:
         for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):

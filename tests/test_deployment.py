@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
 
 import local_cluster  # noqa: E402
+from simulate import running  # noqa: E402
 
 CAPACITIES = [5, 3, 1]  # declared by the nodes; the experiment's own capacities differ on purpose
 DOMAINS = ["clean", "inverted", "sketch"]
@@ -50,13 +51,6 @@ def _records(run_dir: Path) -> list[dict]:
     path = run_dir / "rounds.jsonl"
     text = path.read_text() if path.is_file() else ""
     return [json.loads(line) for line in text.split("\n")[:-1]]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
-    except OSError:
-        return False
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -145,7 +139,7 @@ def test_local_cluster_runs_with_tls_and_authentication(tmp_path: Path, tiny_vit
     server_log = (tmp_path / "cluster" / "logs" / "superlink.log").read_text()
     assert "Uvicorn running on https://" in server_log  # TLS on the one SuperLink port
     pids = json.loads((tmp_path / "cluster" / "pids.json").read_text())
-    assert len(pids) == 4 and not any(_alive(pid) for pid in pids.values())
+    assert len(pids) == 4 and not any(running(pid) for pid in pids.values())
 
 
 def test_local_cluster_stops_everything_on_sigterm(tmp_path: Path, tiny_vit_cache: Path) -> None:
@@ -166,7 +160,7 @@ def test_local_cluster_stops_everything_on_sigterm(tmp_path: Path, tiny_vit_cach
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
-    assert runtimes and not any(_alive(pid) for pid in pids + runtimes)
+    assert runtimes and not any(running(pid) for pid in pids + runtimes)
 
 
 def test_unregistered_node_and_node_without_the_ca_are_refused(cluster_factory: Callable) -> None:
