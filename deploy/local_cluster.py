@@ -148,9 +148,9 @@ def run_app(run_config: str, env: dict[str, str], connection: str = CONNECTION) 
 def stop_processes(processes: dict[str, subprocess.Popen]) -> None:
     """Stop every process started here, and the SuperExec sessions they started, by PID.
 
-    A SuperLink or SuperNode starts its ``flower-superexec`` in a session of its own
-    (``--parent-pid``), and that session runs the ServerApp or ClientApp: stopping the
-    parent alone would leave a run going.
+    The SuperLink starts its ``flower-superexec`` (``--parent-pid``) in a session of
+    its own, and that session runs the ServerApp: stopping the SuperLink alone would
+    leave the run going. A SuperNode's runtime shares its process group.
     """
     order = [name for name in processes if name != "superlink"] + ["superlink"]
     pids = [processes[name].pid for name in order if name in processes]
