@@ -89,7 +89,7 @@ class Cluster:
 
     def kill(self, name: str) -> None:
         """Kill a node and everything it started (its ClientApp runtime), as a crash would."""
-        process = self.processes.pop(name)
+        process = self.processes[name]  # stays listed for teardown until it is gone
         for pid in [process.pid] + local_cluster.superexec_pids(process.pid):
             try:
                 os.killpg(pid, signal.SIGKILL)  # a process group of its own...
@@ -99,6 +99,7 @@ class Cluster:
                 except ProcessLookupError:
                     pass
         process.wait(timeout=10)
+        del self.processes[name]
 
     def stop(self) -> None:
         local_cluster.stop_processes(self.processes)
