@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup clean
+.PHONY: run test test-tools setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ setup: $(STAMP)
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python deploy/simulate.py $(if $(RUN_CONFIG),-c "$(RUN_CONFIG)")
 
-test: $(STAMP)
+# The deployment tests need openssl, ssh-keygen and a compose validator (Debian's docker-compose v1).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-tools:
+	@command -v openssl >/dev/null && command -v ssh-keygen >/dev/null && command -v docker-compose >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl openssh-client docker-compose >/dev/null; }
+
+test: $(STAMP) test-tools
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

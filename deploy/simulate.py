@@ -4,8 +4,8 @@
 ``flower-superlink --simulation`` that outlives the run and listens on fixed ports.
 This launcher gives the run its own ``FLWR_HOME`` (with a connection holding one
 simulated SuperNode per client of the experiment), free ports, runtime dependency
-installation off, streams the log, and stops the SuperLink it caused to start, by PID,
-also when interrupted.
+installation off, streams the log, and stops the SuperLink it caused to start and the
+SuperExec session that runs the simulation, by PID, also when interrupted.
 
     python deploy/simulate.py                                  # the embedded default
     python deploy/simulate.py -c "experiment='configs/x.yaml' num-server-rounds=5"
@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +41,8 @@ def write_connection(flwr_home: Path) -> None:
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
 
 
-def superlink_pids(control_port: int) -> list[int]:
-    """PIDs of flower-superlink processes serving the given control port."""
+def _pids_whose_cmdline(matches: Callable[[str], bool]) -> list[int]:
+    """PIDs of the processes whose command line satisfies ``matches``."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -50,9 +51,33 @@ def superlink_pids(control_port: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "flower-superlink" in cmdline and f"127.0.0.1:{control_port}" in cmdline:
+        if matches(cmdline):
             pids.append(int(entry.name))
     return pids
+
+
+def superlink_pids(control_port: int) -> list[int]:
+    """PIDs of flower-superlink processes serving the given control port."""
+    return _pids_whose_cmdline(lambda c: "flower-superlink" in c and f"127.0.0.1:{control_port}" in c)
+
+
+def superexec_pids(superlink_pid: int) -> list[int]:
+    """The SuperExec a SuperLink started: it leads its own session (simulation process, Ray)."""
+    return _pids_whose_cmdline(lambda c: "flower-superexec" in c and f"--parent-pid {superlink_pid} " in f"{c} ")
+
+
+def simulation_pids(control_port: int) -> list[int]:
+    """The local SuperLink and the SuperExec sessions it started (stopping it alone leaves a run going)."""
+    links = superlink_pids(control_port)
+    return [pid for link in links for pid in superexec_pids(link)] + links
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and has not exited (an exited child waiting to be reaped has)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 def stop(pids: list[int], grace: float = 10.0) -> None:
@@ -66,7 +91,7 @@ def stop(pids: list[int], grace: float = 10.0) -> None:
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+    while time.monotonic() < deadline and any(running(p) for p in pids):
         time.sleep(0.2)
     for pid in pids:
         for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
@@ -119,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        stop(superlink_pids(control_port))
+        stop(simulation_pids(control_port))
 
 
 if __name__ == "__main__":

@@ -312,7 +312,9 @@ def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> Node
     node_config : Mapping[str, Any]
         Flower's node config. In simulation it holds only ``partition-id`` and
         ``num-partitions``; a deployed SuperNode may add ``max-layers``,
-        ``data-root``, ``backbone-cache`` and ``device``.
+        ``memory-budget-mb`` (``max-layers`` is then derived from the backbone's
+        per-block size, or capped by it when both are given), ``data-root``,
+        ``backbone-cache`` and ``device``.
 
     Returns
     -------
@@ -330,13 +332,16 @@ def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> Node
     if not 0 <= pid < experiment.num_clients:
         raise ConfigError(f"node-config: partition-id {pid} is outside 0..{experiment.num_clients - 1}"
                           f" (the experiment has {experiment.num_clients} clients)")
+    cache = node_config.get("backbone-cache", experiment.backbone.cache)
     if "max-layers" in node_config:
         max_layers = _int_key(node_config, "max-layers")
-    else:
+    elif "memory-budget-mb" not in node_config:
         max_layers = experiment.clients.capacities[pid]
+    if "memory-budget-mb" in node_config:
+        fits = _layers_for_budget(node_config["memory-budget-mb"], Path(str(cache)).expanduser())
+        max_layers = min(max_layers, fits) if "max-layers" in node_config else fits
     device = str(node_config.get("device", experiment.training.device))
     _require(is_device_name(device), "node-config device", device, "'cpu', 'cuda' or 'cuda:N'")
-    cache = node_config.get("backbone-cache", experiment.backbone.cache)
     return NodeSettings(
         partition_id=pid,
         num_partitions=num,
@@ -345,6 +350,18 @@ def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> Node
         backbone_cache=Path(str(cache)).expanduser(),
         device=device,
     )
+
+
+def _layers_for_budget(budget_mb: Any, cache: Path) -> int:
+    """Blocks that fit in ``memory-budget-mb`` (read from the backbone cache's weights header)."""
+    from fedra_core.capacity import backbone_sizes, layers_for_budget  # reads the cache: clients only
+
+    if isinstance(budget_mb, bool) or not isinstance(budget_mb, (int, float)) or budget_mb <= 0:
+        raise ConfigError(f"node-config: memory-budget-mb={budget_mb!r} is not a positive number of MiB")
+    try:
+        return layers_for_budget(float(budget_mb), backbone_sizes(cache))
+    except ValueError as err:
+        raise ConfigError(f"node-config: {err}") from err
 
 
 def _int_key(node_config: Mapping[str, Any], key: str) -> int:

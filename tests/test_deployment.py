@@ -1,0 +1,352 @@
+"""Deployment: a SuperLink and SuperNodes on loopback with TLS and authentication, faults, resume, compose."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors import safe_open
+
+from fedra_core.config import experiment_from_dict
+from server_app.strategy import FedRA, NodeInfo
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy"))
+
+import local_cluster  # noqa: E402
+from simulate import running  # noqa: E402
+
+CAPACITIES = [5, 3, 1]  # declared by the nodes; the experiment's own capacities differ on purpose
+DOMAINS = ["clean", "inverted", "sketch"]
+
+
+def _experiment(tmp_path: Path, cache: Path, rounds: int = 2, **strategy: object) -> Path:
+    values = {
+        "name": "tiny",
+        "seed": 3,
+        "backbone": {"cache": str(cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 30},
+        "clients": {"capacities": [6, 4, 2]},
+        "strategy": {"reply_timeout": 300, **strategy},
+        "training": {"rounds": rounds, "local_steps": 1, "batch_size": 16, "optimizer": "adamw", "lr": 0.003},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """The complete records of rounds.jsonl (the server may be writing the next line)."""
+    path = run_dir / "rounds.jsonl"
+    text = path.read_text() if path.is_file() else ""
+    return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+class Cluster:
+    """A SuperLink with TLS and authentication, plus SuperNodes, all stopped by PID in ``stop``."""
+
+    def __init__(self, workdir: Path, node_names: list[str]) -> None:
+        self.workdir = workdir
+        self.env = local_cluster.tool_env(workdir / "flwr-home")
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.certs, self.keys = local_cluster.make_credentials(workdir, node_names)
+        self.port = local_cluster.free_port()
+        local_cluster.write_connection(workdir / "flwr-home", f"127.0.0.1:{self.port}", self.certs / "ca.crt")
+        self.processes["superlink"] = local_cluster.start_superlink(workdir, self.port, self.certs, self.env)
+        local_cluster.wait_for_port(self.port, self.processes["superlink"])
+
+    def register(self, name: str) -> None:
+        local_cluster.register(self.keys / f"{name}.pub", self.env)
+
+    def start_node(self, name: str, config: str, ca: bool = True, key: str | None = None) -> subprocess.Popen:
+        process = local_cluster.start_supernode(self.workdir, name, self.port, config,
+                                                local_cluster.node_env(self.env, 3),
+                                                self.certs / "ca.crt" if ca else None, self.keys / (key or name))
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.workdir / "logs" / f"{name}.log").read_text()
+
+    def kill(self, name: str) -> None:
+        """Kill a node and everything it started (its ClientApp runtime), as a crash would."""
+        process = self.processes[name]  # stays listed for teardown until it is gone
+        for pid in [process.pid] + local_cluster.superexec_pids(process.pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)  # a process group of its own...
+            except ProcessLookupError:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # ...or already gone with the node's group
+                except ProcessLookupError:
+                    pass
+        process.wait(timeout=10)
+        del self.processes[name]
+
+    def stop(self) -> None:
+        local_cluster.stop_processes(self.processes)
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], Cluster]]:
+    clusters: list[Cluster] = []
+
+    def make(node_names: list[str]) -> Cluster:
+        clusters.append(Cluster(tmp_path / f"cluster-{len(clusters)}", node_names))
+        return clusters[-1]
+
+    yield make
+    for cluster in clusters:
+        cluster.stop()
+
+
+# --------------------------------------------------------------------------- end to end
+def test_local_cluster_runs_with_tls_and_authentication(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache)
+    command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(tmp_path / "cluster"),
+               "--max-layers", ",".join(map(str, CAPACITIES)),
+               "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    records = _records(tmp_path / "out" / "tiny")
+    assert [r["round"] for r in records] == [0, 1, 2], log[-4000:]
+    for record in records[1:]:
+        declared = {row["partition_id"]: row["capacity"] for row in record["rows"]}
+        held = {row["partition_id"]: sum(a) for row, a in zip(record["rows"], record["allocation"])}
+        assert declared == held == dict(enumerate(CAPACITIES))
+        assert all(c["status"] == "ok" and c["bytes_received"] > 0 for c in record["clients"])
+    assert (tmp_path / "out" / "tiny" / "adapters.safetensors").is_file()
+    server_log = (tmp_path / "cluster" / "logs" / "superlink.log").read_text()
+    assert "Uvicorn running on https://" in server_log  # TLS on the one SuperLink port
+    pids = json.loads((tmp_path / "cluster" / "pids.json").read_text())
+    assert len(pids) == 4 and not any(running(pid) for pid in pids.values())
+
+
+def test_local_cluster_stops_everything_on_sigterm(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=50)
+    pids_file = tmp_path / "cluster" / "pids.json"
+    command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(tmp_path / "cluster"),
+               "--max-layers", "2,1,1", "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                                start_new_session=True)
+    try:
+        _wait(lambda: (tmp_path / "out" / "tiny").is_dir(), 600, "the ServerApp to start")
+        pids = list(json.loads(pids_file.read_text()).values())
+        runtimes = [child for pid in pids for child in local_cluster.superexec_pids(pid)]
+
+        launcher.send_signal(signal.SIGTERM)
+
+        assert launcher.wait(timeout=120) == 130
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert runtimes and not any(running(pid) for pid in pids + runtimes)
+
+
+def test_unregistered_node_and_node_without_the_ca_are_refused(cluster_factory: Callable) -> None:
+    cluster = cluster_factory(["member", "stranger"])
+    cluster.register("member")
+    member = cluster.start_node("member", "partition-id=0")
+    stranger = cluster.start_node("stranger", "partition-id=1")
+    no_ca = cluster.start_node("no-ca", "partition-id=2", ca=False, key="member")
+
+    _wait(lambda: stranger.poll() is not None and no_ca.poll() is not None, 120, "the refused nodes to exit")
+
+    assert stranger.returncode != 0 and "Failed to activate SuperNode" in cluster.log("stranger")
+    assert no_ca.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in cluster.log("no-ca")
+    _wait(lambda: "SuperNode ID" in cluster.log("member"), 60, "the registered node to join")
+    assert member.poll() is None
+
+
+def test_flwr_without_the_ca_is_refused(cluster_factory: Callable) -> None:
+    cluster = cluster_factory(["member"])
+    config = cluster.workdir / "flwr-home" / "config.toml"
+    with_ca = config.read_text()
+    config.write_text(with_ca.replace("root-certificates", "# root-certificates"))
+
+    result = subprocess.run(["flwr", "supernode", "register", str(cluster.keys / "member.pub"), "cluster"],
+                            env=cluster.env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode != 0 and "registered successfully" not in result.stdout
+    assert "Connection to the SuperLink is unavailable" in result.stdout + result.stderr
+    config.write_text(with_ca)
+    cluster.register("member")  # the same command with the CA goes through
+
+
+# ----------------------------------------------------------------------------- faults
+def test_killed_supernode_fails_its_round_and_rejoins(cluster_factory: Callable, tmp_path: Path,
+                                                      tiny_vit_cache: Path) -> None:
+    names = [f"node-{i}" for i in range(3)]
+    cluster = cluster_factory(names)
+    configs = {n: local_cluster.node_config(i, 3, CAPACITIES[i]) for i, n in enumerate(names)}
+    for name in names:
+        cluster.register(name)
+        cluster.start_node(name, configs[name])
+    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=3, reply_timeout=60, min_clients=2)
+    run_dir = tmp_path / "out" / "tiny"
+    command = ["flwr", "run", str(ROOT), "cluster", "--stream", "--run-config",
+               f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+    with open(tmp_path / "run.log", "wb") as log:
+        cluster.processes["flwr-run"] = subprocess.Popen(command, env=cluster.env, stdout=log,
+                                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    _wait(lambda: len(_records(run_dir)) >= 1, 600, "round 0")  # round 1 is being sent now
+    cluster.kill("node-2")
+    _wait(lambda: len(_records(run_dir)) >= 2, 600, "round 1")
+    cluster.start_node("node-2", configs["node-2"])  # same key: the same node comes back
+    cluster.processes["flwr-run"].wait(timeout=900)
+
+    records = _records(run_dir)
+    run_log = (tmp_path / "run.log").read_text()
+    assert [r["round"] for r in records] == [0, 1, 2, 3], run_log[-4000:]
+    first = records[1]
+    failed = [f for f in first["failures"] if f["partition_id"] == 2]
+    assert len(failed) == 1 and failed[0]["reason"], first["failures"]
+    held = {row["partition_id"]: a for row, a in zip(first["rows"], first["allocation"])}
+    survivors = np.array([held[0], held[1]]).sum(axis=0)
+    assert first["blocks_trained"] == survivors.tolist()  # nothing from the dead node
+    assert {c["partition_id"]: c["status"] for c in first["clients"]} == {0: "ok", 1: "ok", 2: "failed"}
+    back = [c for r in records[2:] for c in r["clients"] if c["partition_id"] == 2 and c["status"] == "ok"]
+    assert back, "the restarted node was never sampled again"
+    assert (run_dir / "adapters.safetensors").is_file()
+
+
+class _QueryGrid:
+    """Answers the capacity query with canned replies (no transport)."""
+
+    def __init__(self, answers: dict[int, Callable[[Message], Message]]) -> None:
+        self.answers = answers
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.answers)
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        return [self.answers[m.metadata.dst_node_id](m) for m in messages]
+
+
+@pytest.fixture
+def run_identity() -> Iterator[None]:
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # stamped on messages
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+
+
+def test_node_declaring_no_valid_capacity_is_excluded_with_its_reason(run_identity: None) -> None:
+    experiment = experiment_from_dict({"clients": {"capacities": [4, 4, 4]}})
+    strategy = FedRA(experiment, 4, np.random.default_rng(0))
+
+    def declare(max_layers: object) -> Callable[[Message], Message]:
+        def answer(message: Message) -> Message:
+            content = RecordDict({"capacity": MetricRecord({"max-layers": max_layers, "partition-id": 0}),
+                                  "node": ConfigRecord({"domain": "clean"})})
+            return Message(content, reply_to=message)
+        return answer
+
+    def crash(message: Message) -> Message:
+        return Message(Error(code=0, reason="ConfigError: node-config: memory-budget-mb=0.001 cannot hold one block"),
+                       reply_to=message)
+
+    grid = _QueryGrid({1: declare(3), 2: declare(0), 3: crash})
+
+    strategy.discover(grid, wait_for=1)  # type: ignore[arg-type]
+
+    assert list(strategy.nodes) == [1] and strategy.nodes[1].max_layers == 3
+    assert "max-layers 0 is not a positive integer" in strategy.excluded[2]
+    assert "memory-budget-mb=0.001 cannot hold one block" in strategy.excluded[3]
+
+
+def test_run_stops_with_a_message_when_fewer_than_min_clients_remain(run_identity: None) -> None:
+    experiment = experiment_from_dict({"clients": {"capacities": [4, 4, 4]}, "strategy": {"min_clients": 2}})
+    strategy = FedRA(experiment, 4, np.random.default_rng(0))
+    strategy.nodes = {n: NodeInfo(n, i, 4, DOMAINS[i], 10) for i, n in enumerate([1, 2, 3])}
+    grid = _QueryGrid({1: lambda m: m})  # nodes 2 and 3 are gone
+    state = ArrayRecord({"head.weight": torch.zeros(2, 2)})
+
+    with pytest.raises(RuntimeError, match="only 1 clients are available, fewer than strategy.min_clients = 2"):
+        strategy.configure_train(1, state, ConfigRecord(), grid)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- resume
+def _simulate(tmp_path: Path, run_config: str) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "deploy" / "simulate.py"), "--flwr-home", str(tmp_path / "flwr-home"),
+               "-c", run_config]
+    log = open(tmp_path / f"sim-{time.monotonic_ns()}.log", "wb")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+
+
+def _checkpoint_round(run_dir: Path) -> int:
+    try:
+        with safe_open(str(run_dir / "checkpoint.safetensors"), framework="pt") as f:
+            return int(f.metadata()["round"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def _adapters(run_dir: Path) -> dict:
+    with safe_open(str(run_dir / "adapters.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=4)
+    out = tmp_path / "out"
+    base = f"experiment='{experiment}' output-dir='{out}'"
+    runs = {"full": _simulate(tmp_path, f"{base} run-name='full'")}
+    try:
+        assert runs["full"].wait(timeout=900) == 0
+        runs["cut"] = _simulate(tmp_path, f"{base} run-name='cut'")
+        _wait(lambda: _checkpoint_round(out / "cut") >= 2, 900, "the checkpoint of round 2")
+        os.killpg(runs["cut"].pid, signal.SIGINT)  # the launcher stops its SuperLink by PID
+        runs["cut"].wait(timeout=120)
+        stopped_at = _checkpoint_round(out / "cut")
+        assert 2 <= stopped_at < 4 and not (out / "cut" / "adapters.safetensors").exists()
+        runs["resume"] = _simulate(tmp_path, f"{base} run-name='cut' resume=true")
+        assert runs["resume"].wait(timeout=900) == 0
+    finally:
+        for process in runs.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    full, resumed = _records(out / "full"), _records(out / "cut")
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(full[1:], resumed[1:]):
+        assert a["allocation"] == b["allocation"]
+        assert [(r["partition_id"], r["capacity"]) for r in a["rows"]] == \
+            [(r["partition_id"], r["capacity"]) for r in b["rows"]]
+    expected, actual = _adapters(out / "full"), _adapters(out / "cut")
+    assert set(expected) == set(actual)
+    for key in expected:
+        assert np.allclose(expected[key].numpy(), actual[key].numpy(), atol=1e-5), key
+
+
+# ----------------------------------------------------------------------------- compose
+def test_compose_file_validates() -> None:
+    validator = shutil.which("docker-compose")
+    assert validator, "docker-compose (v1) is needed to validate deploy/compose.yml: apt-get install docker-compose"
+
+    result = subprocess.run([validator, "-f", str(ROOT / "deploy" / "compose.yml"), "config", "-q"],
+                            capture_output=True, text=True, cwd=ROOT / "deploy", timeout=120)
+
+    assert result.returncode == 0, result.stderr
