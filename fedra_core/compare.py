@@ -87,8 +87,8 @@ def simulate(experiment_file: Path, out: Path, run_name: str, rounds_before: int
     command = [sys.executable, str(SIMULATE), "--flwr-home", str(out / ".flwr-home"), "-c",
                f"experiment='{experiment_file}' output-dir='{out / 'runs'}' run-name='{run_name}'"]
     start = time.perf_counter()
-    with open(log_file, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, cwd=ROOT) as proc:
+    with open(log_file, "w", buffering=1) as log, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)

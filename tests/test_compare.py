@@ -73,3 +73,48 @@ def test_unfinished_run_and_unknown_method_are_named(tmp_path: Path) -> None:
         compare.read_run(tmp_path / "empty")
     with pytest.raises(ValueError, match="'fedx' is not a method"):
         compare.run_all(Path("configs/bench-feature.yaml"), ["fedx"], [0], tmp_path / "out")
+
+
+@pytest.mark.parametrize("config", ["domainnet-feature.yaml", "nicopp-feature-label.yaml"])
+def test_paper_configs_name_missing_data_before_the_first_round(tmp_path: Path, tiny_vit_cache: Path,
+                                                                 config: str) -> None:
+    from fedra_core.config import load_experiment
+    from fedra_core.run import ServerRun
+
+    root = Path(__file__).resolve().parent.parent / "configs" / config
+    capacities = [6, 5, 4, 3, 2, 1] * (5 if "label" in config else 1)
+    overrides = {"backbone.cache": str(tiny_vit_cache), "training.device": "cpu", "clients.capacities": capacities,
+                 "data.root": str(tmp_path / "absent")}
+    with pytest.raises(FileNotFoundError, match="dataset root not found: .*absent"):
+        ServerRun(load_experiment(root, overrides), tmp_path / "run")
+    (tmp_path / "present").mkdir()
+    overrides["data.root"] = str(tmp_path / "present")
+    with pytest.raises(FileNotFoundError, match=r"split file not found: .*present/(clipart|autumn)_train\.txt"):
+        ServerRun(load_experiment(root, overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "rounds.jsonl").exists()
+
+
+def test_run_simulates_each_method_then_reports(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    import io
+
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 0,
+        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "max_test_per_domain": 20},
+        "clients": {"capacities": [6, 5, 4, 3, 2, 1]},
+        "training": {"rounds": 1, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003},
+    }))
+    progress = io.StringIO()
+
+    paths = compare.run_all(base, ["depthfl", "all-small"], [0], tmp_path / "cmp", stream=progress)
+    table = compare.report(paths, tmp_path / "cmp")
+
+    assert [p.name for p in paths] == ["tiny-depthfl-s0", "tiny-all-small-s0"]
+    assert "1/2 rounds" in progress.getvalue() and "2/2 rounds" in progress.getvalue()
+    depthfl, small = (compare.read_run(p) for p in paths)
+    assert depthfl.records[1]["allocation"] == [[1] * k + [0] * (6 - k) for k in (6, 5, 4, 3, 2, 1)]
+    assert small.records[1]["allocation"] == [[1, 0, 0, 0, 0, 0]] * 6
+    assert "| depthfl |" in table and "| all-small |" in table
+    again = compare.run_all(base, ["depthfl"], [0], tmp_path / "cmp", stream=io.StringIO())  # finished: skipped
+    assert again == paths[:1]
