@@ -244,9 +244,12 @@ def plot_participation(runs: Sequence[Run], path: Path) -> Path:
             bottom += row
         ax.set_title(method, fontsize=10)
         ax.set_xlabel("block")
+        ax.set_xticks(range(len(bottom)))
+        ax.tick_params(axis="x", labelsize=7)
     axes[0][0].set_ylabel("client-rounds that trained the block")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6) or 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
