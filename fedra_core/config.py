@@ -11,7 +11,7 @@ import yaml
 
 DATASETS = ("builtin-digits", "folder", "domainnet", "nicopp")
 PARTITIONINGS = ("feature", "feature-label")
-METHODS = ("fedra", "fedra-cover", "first")
+METHODS = ("fedra", "fedra-cover", "first", "all-large", "all-small", "inclusivefl", "depthfl")
 WEIGHTINGS = ("uniform", "num-examples")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -112,9 +112,19 @@ class StrategyConfig:
     min_clients: int = 1
     reply_timeout: float = 3600.0
     wire_dtype: str = "float32"  # "bfloat16" halves the bytes of every message
+    # baselines (fedra_core.baselines): DepthFL's exits and distillation, InclusiveFL's momentum
+    depthfl_exit_every: int = 3  # an auxiliary classifier after every this many blocks
+    depthfl_distill_weight: float = 1.0  # weight of the mutual self-distillation term
+    inclusivefl_momentum: float = 0.0  # 0: plain per-key mean; > 0: momentum distillation
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "strategy.method", self.method, f"one of {METHODS}")
+        _require(self.depthfl_exit_every >= 1, "strategy.depthfl_exit_every", self.depthfl_exit_every,
+                 "an integer >= 1")
+        _require(self.depthfl_distill_weight >= 0, "strategy.depthfl_distill_weight",
+                 self.depthfl_distill_weight, ">= 0")
+        _require(0 <= self.inclusivefl_momentum < 1, "strategy.inclusivefl_momentum",
+                 self.inclusivefl_momentum, "0 <= beta < 1")
         _require(self.weighting in WEIGHTINGS, "strategy.weighting", self.weighting,
                  f"one of {WEIGHTINGS}")
         _require(self.clients_per_round is None or self.clients_per_round >= 1,

@@ -1,9 +1,10 @@
 """The full-depth global model on the server: initial state and per-domain accuracy."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedra_core.backbone import assemble
@@ -13,15 +14,18 @@ from fedra_core.training import evaluate
 
 
 class GlobalModel:
-    """All blocks of the backbone with the global adapters plugged in."""
+    """All blocks of the backbone (or the listed ones) with the global adapters plugged in."""
 
     def __init__(self, cache_dir: Path, num_classes: int, lora: LoraSettings,
-                 device: str = "cpu", seed: int = 0) -> None:
+                 device: str = "cpu", seed: int = 0, layers: Sequence[int] | None = None,
+                 prepare: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.device = torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # LoRA A and the head start from the run's seed
-            model, _ = assemble(cache_dir, None, num_classes, "cpu")
-            self.model = attach_lora(model, lora).to(self.device)
+            model, _ = assemble(cache_dir, layers, num_classes, "cpu")  # layers: all-small's shallow model
+            model = attach_lora(model, lora)
+            model = prepare(model) if prepare else model  # a baseline's extra state (DepthFL's exits)
+            self.model = model.to(self.device)
         self._initial = trainable_state(self.model)
 
     def initial_state(self) -> State:

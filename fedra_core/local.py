@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from fedra_core.backbone import AssemblyStats, assemble
+from fedra_core import baselines
+from fedra_core.backbone import AssemblyStats, assemble, read_meta
 from fedra_core.config import Experiment, NodeSettings
 from fedra_core.lora import State, attach_lora, load_trainable_state, trainable_state
 from fedra_core.training import TrainResult, train_local
@@ -42,6 +43,7 @@ def build_submodel(experiment: Experiment, node: NodeSettings, layers: list[int]
     device = resolve_device(node.device)
     model, stats = assemble(node.backbone_cache, layers, num_classes, device)
     model = attach_lora(model, experiment.backbone.lora).to(device)
+    model = baselines.prepare_model(model, experiment, num_classes, read_meta(node.backbone_cache).num_layers)
     load_trainable_state(model, {k: v.to(device) for k, v in received.items()})
     return model, stats
 
@@ -74,7 +76,8 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
         Deltas (trained minus received) keyed by global names, and what happened.
     """
     start = time.perf_counter()
-    if len(layers) > node.max_layers:
+    num_layers = read_meta(node.backbone_cache).num_layers
+    if len(layers) > baselines.max_blocks(experiment, node.max_layers, num_layers):
         raise ValueError(f"the server sent {len(layers)} blocks but this node holds at most {node.max_layers}")
     model, stats = build_submodel(experiment, node, layers, num_classes, received)
     device = next(model.parameters()).device
@@ -85,7 +88,7 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     setup = time.perf_counter() - start
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(generator.initial_seed()))  # LoRA dropout
-        result = train_local(model, loader, cfg, device)
+        result = train_local(model, loader, cfg, device, loss_fn=baselines.loss_for(experiment))
     trained = trainable_state(model)
     delta = {k: (trained[k] - received[k].to(device)).cpu() for k in received}
     return LocalRound(delta, result, stats, setup)

@@ -61,9 +61,11 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 
 
 def _head_keys(model: nn.Module) -> set[str]:
+    """Trainable tensors outside LoRA: the head, and extra classifiers a method adds (DepthFL)."""
     keys = classifier_keys(model)
     params = dict(model.named_parameters())
-    return {k for k in keys if k in params and params[k].requires_grad}
+    extra = {k for k, p in params.items() if p.requires_grad and "lora_" not in k}
+    return {k for k in keys if k in params and params[k].requires_grad} | extra
 
 
 def trainable_state(model: nn.Module) -> State:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedra_core import baselines
 from fedra_core.backbone import CacheMeta, read_meta
 from fedra_core.config import ConfigError, Experiment
 from fedra_core.datasets import domain_names, test_sets
@@ -66,7 +67,9 @@ class ServerRun:
             logger.info("the server has no CUDA: the global model is evaluated on the CPU")
             device = "cpu"
         self.model = GlobalModel(experiment.backbone.cache_path, self.num_classes, experiment.backbone.lora,
-                                 device=device, seed=experiment.seed)
+                                 device=device, seed=experiment.seed, layers=baselines.global_layers(experiment, self.meta.num_layers),
+                                 prepare=lambda m: baselines.prepare_model(m, experiment, self.num_classes,
+                                                                           self.meta.num_layers))
         self.start_round = 0
         self.rng = np.random.default_rng(experiment.seed)
         self.state = self.model.initial_state()

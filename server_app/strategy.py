@@ -13,7 +13,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedra_core.aggregation import InvalidReply, check_delta, masked_average
-from fedra_core.allocation import allocate, layers_of
+from fedra_core.allocation import layers_of
+from fedra_core.baselines import allocation_for, momentum_distill
 from fedra_core.config import Experiment
 from fedra_core.lora import State, slice_state
 from fedra_core.wire import decode, encode
@@ -122,6 +123,7 @@ class FedRA(Strategy):
         self.excluded: dict[int, str] = {}
         self.pending: PendingRound | None = None
         self.last_record: dict[str, Any] = {}
+        self.momentum: State = {}  # InclusiveFL's momentum distillation, across rounds
         self._experiment_json = experiment.to_json()
 
     def summary(self) -> None:
@@ -203,7 +205,7 @@ class FedRA(Strategy):
     # ---------------------------------------------------------------- train
     def allocation(self, nodes: list[NodeInfo]) -> np.ndarray:
         """The round's allocation matrix, one row per sampled node (partition order)."""
-        return allocate([n.max_layers for n in nodes], self.num_layers, self.rng, method=self.cfg.method)
+        return allocation_for(self.experiment, [n.max_layers for n in nodes], self.num_layers, self.rng)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -251,6 +253,11 @@ class FedRA(Strategy):
             return ArrayRecord(pending.state), None
         use = None if self.cfg.weighting == "uniform" else weights
         new_state = masked_average(pending.state, deltas, use)
+        if self.cfg.method == "inclusivefl" and self.cfg.inclusivefl_momentum > 0:
+            depths = [int(pending.matrix[i].sum()) for i, n in enumerate(pending.nodes)
+                      if outcomes[n.node_id]["status"] == "ok"]
+            new_state = momentum_distill(new_state, pending.state, depths, self.momentum,
+                                         self.cfg.inclusivefl_momentum)
         return ArrayRecord(new_state), self._train_metrics(outcomes)
 
     def _check_reply(self, reply: Message, sent: State) -> tuple[dict[str, Any], State | None]:

@@ -1,0 +1,314 @@
+"""Compare methods: run experiments through Flower simulation or read finished runs, then tabulate and plot.
+
+``python -m fedra_core.compare run --base configs/bench-feature.yaml --methods fedra depthfl
+--seeds 0 1 --out outputs/compare/feature`` writes one experiment file per method and
+seed (the base with ``strategy.method``, ``seed`` and ``name`` replaced), runs each
+through ``deploy/simulate.py`` (a real Flower simulation), skips runs already finished,
+and writes ``results.md``, ``accuracy.png`` and ``participation.png`` into ``--out``.
+``python -m fedra_core.compare report RUN_DIR ... --out DIR`` only reads finished runs.
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import yaml
+
+from fedra_core.config import METHODS, load_experiment
+from fedra_core.plots import _pyplot
+
+ROOT = Path(__file__).resolve().parent.parent
+SIMULATE = ROOT / "deploy" / "simulate.py"
+_ROUND_LINE = re.compile(r"round (\d+)/(\d+) \| mean accuracy ([\d.]+)%")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run read from its output folder."""
+
+    path: Path
+    method: str
+    seed: int
+    records: list[dict[str, Any]]
+    num_layers: int
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return [r for r in self.records if r.get("accuracy")][-1]
+
+    @property
+    def seconds(self) -> float:
+        return float(self.final.get("elapsed_seconds", 0.0))
+
+
+def read_run(path: Path) -> Run:
+    """Read ``config.yaml`` and ``rounds.jsonl`` of a run folder; errors name the missing file."""
+    config_file, rounds_file = path / "config.yaml", path / "rounds.jsonl"
+    for needed in (config_file, rounds_file):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} is missing: {path} is not a finished run")
+    config = yaml.safe_load(config_file.read_text()) or {}
+    records = [json.loads(line) for line in rounds_file.read_text().splitlines() if line.strip()]
+    if not any(r.get("accuracy") for r in records):
+        raise ValueError(f"{rounds_file} holds no evaluated round")
+    method = config.get("strategy", {}).get("method", "fedra")
+    layers = int(config.get("run", {}).get("num_layers") or 0)
+    if not layers:
+        layers = max((len(r["allocation"][0]) for r in records if r.get("allocation")), default=0)
+    return Run(path, method, int(config.get("seed", 0)), records, layers)
+
+
+def _is_finished(path: Path, rounds: int) -> bool:
+    rounds_file = path / "rounds.jsonl"
+    if not (path / "results.md").is_file() or not rounds_file.is_file():
+        return False
+    lines = [json.loads(line) for line in rounds_file.read_text().splitlines() if line.strip()]
+    return bool(lines) and lines[-1].get("round") == rounds
+
+
+def _progress(done: int, total: int, label: str, stream: TextIO) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} rounds | {label}   ")
+    stream.flush()
+
+
+def simulate(experiment_file: Path, out: Path, run_name: str, rounds_before: int, rounds_total: int,
+             log_file: Path, stream: TextIO = sys.stderr) -> float:
+    """Run one experiment through ``deploy/simulate.py``, showing progress; return its wall seconds."""
+    command = [sys.executable, str(SIMULATE), "--flwr-home", str(out / ".flwr-home"), "-c",
+               f"experiment='{experiment_file}' output-dir='{out / 'runs'}' run-name='{run_name}'"]
+    start = time.perf_counter()
+    with open(log_file, "w", buffering=1) as log, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            match = _ROUND_LINE.search(line)
+            if match:
+                _progress(rounds_before + int(match.group(1)), rounds_total,
+                          f"{run_name}: round {match.group(1)}/{match.group(2)}, mean {match.group(3)}%", stream)
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"{run_name} failed (exit code {code}); see {log_file}")
+    return time.perf_counter() - start
+
+
+def run_all(base: Path, methods: Sequence[str], seeds: Sequence[int], out: Path,
+            overrides: dict[str, Any] | None = None, stream: TextIO = sys.stderr) -> list[Path]:
+    """Run every method x seed of ``base`` (skipping finished runs); return the run folders.
+
+    Parameters
+    ----------
+    base : Path
+        The experiment file every run starts from.
+    methods : Sequence[str]
+        Values of ``strategy.method``.
+    seeds : Sequence[int]
+        Seeds; each method runs once per seed.
+    out : Path
+        Comparison folder: ``configs/``, ``runs/``, ``logs/`` and the report go there.
+    overrides : dict, optional
+        Dotted keys applied to every run (e.g. ``{"training.rounds": 5}``).
+    stream : TextIO
+        Where the progress bar is drawn.
+
+    Returns
+    -------
+    list[Path]
+        Run folders, in method-then-seed order.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: {unknown[0]!r} is not a method; expected some of {METHODS}")
+    for sub in ("configs", "runs", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    base_experiment = load_experiment(base, overrides)
+    rounds = base_experiment.training.rounds
+    plan = [(m, s) for m in methods for s in seeds]
+    paths = []
+    for index, (method, seed) in enumerate(plan):
+        name = f"{base_experiment.name}-{method}-s{seed}"
+        experiment = load_experiment(base, {**(overrides or {}), "strategy.method": method, "seed": seed,
+                                            "name": name})
+        config_file = out / "configs" / f"{name}.yaml"
+        config_file.write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+        run_dir = out / "runs" / name
+        paths.append(run_dir)
+        if _is_finished(run_dir, rounds):
+            _progress((index + 1) * rounds, len(plan) * rounds, f"{name}: already finished", stream)
+            continue
+        if (run_dir / "rounds.jsonl").exists():
+            raise RuntimeError(f"{run_dir} holds an unfinished run; remove it or resume it first")
+        simulate(config_file, out, name, index * rounds, len(plan) * rounds, out / "logs" / f"{name}.log", stream)
+    stream.write("\n")
+    return paths
+
+
+# ---------------------------------------------------------------- report
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def results_table(runs: Sequence[Run]) -> str:
+    """Markdown table: final per-domain and mean accuracy per method (mean ± std over seeds)."""
+    if not runs:
+        raise ValueError("no runs to tabulate")
+    domains = list(runs[0].final["accuracy"])
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    header = ("| method | " + " | ".join(domains) + " | **mean** | seeds | rounds | run time |\n"
+              "|---|" + "---|" * (len(domains) + 4))
+    lines = [header]
+    for method, group in by_method.items():
+        cells = [_mean_std([r.final["accuracy"][d] for r in group]) for d in domains]
+        mean = _mean_std([r.final["mean_accuracy"] for r in group])
+        seeds = ",".join(str(r.seed) for r in group)
+        seconds = np.mean([r.seconds for r in group])
+        lines.append(f"| {method} | " + " | ".join(cells) +
+                     f" | **{mean}** | {seeds} | {group[0].final['round']} | {seconds:.0f} s |")
+    return "\n".join(lines)
+
+
+def participation(run: Run) -> tuple[np.ndarray, list[str]]:
+    """How often each domain's clients trained each block, summed over rounds: ``(domains, blocks)``.
+
+    Read from each record's ``allocation`` rows, ``rows[].domain`` and ``clients[].status``;
+    a client that failed or was rejected does not count.
+    """
+    domains: list[str] = []
+    counts: dict[str, np.ndarray] = {}
+    for record in run.records:
+        if not record.get("allocation"):
+            continue
+        status = {c["node_id"]: c.get("status", "ok") for c in record.get("clients", [])}
+        for row, held in zip(record["rows"], record["allocation"]):
+            if status.get(row["node_id"], "ok") != "ok":
+                continue
+            domain = row.get("domain") or f"client {row['partition_id']}"
+            if domain not in counts:
+                domains.append(domain)
+                counts[domain] = np.zeros(len(held), dtype=int)
+            counts[domain] += np.asarray(held, dtype=int)
+    if not counts:
+        return np.zeros((0, run.num_layers), dtype=int), []
+    return np.stack([counts[d] for d in domains]), domains
+
+
+def plot_accuracy_per_method(runs: Sequence[Run], path: Path, title: str = "") -> Path:
+    """Mean accuracy of the global model per round, one line per method (mean over seeds)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    for method, group in by_method.items():
+        curves = [{r["round"]: r["mean_accuracy"] for r in run.records if r.get("accuracy")} for run in group]
+        rounds = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot(rounds, [100 * np.mean([c[t] for c in curves]) for t in rounds], lw=2,
+                label=f"{method} ({len(group)} seed{'s' if len(group) > 1 else ''})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean accuracy over domains (%)")
+    ax.set_title(title or "Global model accuracy per method")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_participation(runs: Sequence[Run], path: Path) -> Path:
+    """Per method (first seed), stacked bars: how many client-rounds of each domain trained each block."""
+    plt = _pyplot()
+    first: dict[str, Run] = {}
+    for run in runs:
+        first.setdefault(run.method, run)
+    fig, axes = plt.subplots(1, len(first), figsize=(3.2 * len(first), 3.4), sharey=True, squeeze=False)
+    for ax, (method, run) in zip(axes[0], first.items()):
+        counts, domains = participation(run)
+        bottom = np.zeros(counts.shape[1] if counts.size else run.num_layers)
+        for domain, row in zip(domains, counts):
+            ax.bar(np.arange(len(row)), row, bottom=bottom, label=domain)
+            bottom += row
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("block")
+        ax.set_xticks(range(len(bottom)))
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0][0].set_ylabel("client-rounds that trained the block")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6) or 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(run_dirs: Sequence[Path], out: Path, title: str = "") -> str:
+    """Write ``results.md``, ``accuracy.png`` and ``participation.png`` for finished runs; return the table."""
+    runs = [read_run(Path(p)) for p in run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    table = results_table(runs)
+    blocks = ["", "Blocks trained (client-rounds, all domains) per method, first seed:", "",
+              "| method | " + " | ".join(str(i) for i in range(runs[0].num_layers)) + " |",
+              "|---|" + "---|" * runs[0].num_layers]
+    seen = set()
+    for run in runs:
+        if run.method not in seen:
+            seen.add(run.method)
+            counts, _ = participation(run)
+            total = counts.sum(axis=0) if counts.size else np.zeros(run.num_layers, dtype=int)
+            blocks.append(f"| {run.method} | " + " | ".join(str(int(c)) for c in total) + " |")
+    heading = f"# {title}\n\n" if title else ""
+    (out / "results.md").write_text(heading + table + "\n" + "\n".join(blocks) + "\n")
+    plot_accuracy_per_method(runs, out / "accuracy.png", title)
+    plot_participation(runs, out / "participation.png")
+    return table
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected KEY=VALUE, e.g. training.rounds=5")
+    return key, yaml.safe_load(value)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``run`` (simulate, then report) or ``report`` (finished runs only)."""
+    parser = argparse.ArgumentParser(prog="python -m fedra_core.compare", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run method x seed through Flower simulation, then report")
+    run.add_argument("--base", type=Path, required=True, help="experiment file, e.g. configs/bench-feature.yaml")
+    run.add_argument("--methods", nargs="+", default=list(METHODS))
+    run.add_argument("--seeds", nargs="+", type=int, default=[0])
+    run.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
+                     help="dotted override for every run, e.g. training.rounds=5 (repeatable)")
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--title", default="")
+    rep = sub.add_parser("report", help="table and plots of finished runs")
+    rep.add_argument("runs", nargs="+", type=Path)
+    rep.add_argument("--out", type=Path, required=True)
+    rep.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        out = args.out.resolve()
+        paths = run_all(args.base.resolve(), args.methods, args.seeds, out, dict(args.overrides))
+    else:
+        out, paths = args.out.resolve(), args.runs
+    print(report(paths, out, args.title))
+    print(f"wrote {out / 'results.md'}, {out / 'accuracy.png'}, {out / 'participation.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Baselines: allocations on the Strategy's messages, DepthFL's exits and loss, all-small, InclusiveFL."""
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from torch.utils.data import TensorDataset
+
+from fedra_core import baselines
+from fedra_core.config import NodeSettings, experiment_from_dict
+from fedra_core.evaluation import GlobalModel
+from fedra_core.local import run_local_round
+from server_app.strategy import FedRA, NodeInfo
+
+NUM_LAYERS = 6
+CAPACITIES = [6, 4, 3, 2]
+NUM_CLASSES = 5
+
+
+class StaticGrid(Grid):
+    """Fixed, already known nodes; no message is transported."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def _no_transport(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("this test grid carries no messages")
+
+    set_run = create_message = send_and_receive = push_messages = pull_messages = _no_transport
+    run = property(_no_transport)  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True)
+def run_identity() -> Iterator[None]:
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # stamped on messages
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+
+
+def _experiment(method: str, cache: Path | None = None, **strategy: object):  # noqa: ANN202
+    values = {"clients": {"capacities": CAPACITIES}, "strategy": {"method": method, **strategy},
+              "training": {"local_steps": 2, "batch_size": 8, "lr": 0.05}, "seed": 1,
+              "backbone": {"lora": {"rank": 2, "alpha": 2, "dropout": 0.0}}}
+    if cache is not None:
+        values["backbone"]["cache"] = str(cache)
+    return experiment_from_dict(values)
+
+
+def _global_state() -> dict[str, torch.Tensor]:
+    state = {f"blocks.{i}.attn.proj.lora_A.weight": torch.randn(2, 3) for i in range(NUM_LAYERS)}
+    state["head.weight"] = torch.randn(5, 3)
+    return state
+
+
+def _sent_layers(method: str) -> list[list[int]]:
+    strategy = FedRA(_experiment(method), NUM_LAYERS, np.random.default_rng(0))
+    ids = [100 + i for i in range(len(CAPACITIES))]
+    strategy.nodes = {n: NodeInfo(n, i, CAPACITIES[i], f"d{i}", 10) for i, n in enumerate(ids)}
+    messages = list(strategy.configure_train(1, ArrayRecord(_global_state()), ConfigRecord(), StaticGrid(ids)))
+    layers = [list(m.content["config"]["layers"]) for m in messages]
+    for message, held in zip(messages, layers):  # the arrays sent are exactly the held blocks' and the head
+        blocks = {int(k.split(".")[1]) for k in message.content["arrays"].keys() if k.startswith("blocks.")}
+        assert blocks == set(held) and "head.weight" in message.content["arrays"].keys()
+    return layers
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("all-large", [list(range(6))] * 4),
+        ("all-small", [[0, 1]] * 4),
+        ("inclusivefl", [list(range(6)), [0, 1, 2, 3], [0, 1, 2], [0, 1]]),
+        ("depthfl", [list(range(6)), [0, 1, 2, 3], [0, 1, 2], [0, 1]]),
+    ],
+)
+def test_depth_methods_send_the_blocks_they_define(method: str, expected: list[list[int]]) -> None:
+    assert _sent_layers(method) == expected
+
+
+@pytest.mark.parametrize("method", ["fedra", "fedra-cover"])
+def test_fedra_methods_send_capacity_many_random_blocks(method: str) -> None:
+    layers = _sent_layers(method)
+    assert [len(held) for held in layers] == CAPACITIES
+    assert layers[1:] != [list(range(k)) for k in CAPACITIES[1:]]  # not depth-first (fixed seed)
+
+
+def test_exit_blocks_every_third_block_before_the_head() -> None:
+    assert baselines.exit_blocks(3, 12) == [2, 5, 8]
+    assert baselines.exit_blocks(3, 6) == [2]
+    assert baselines.exit_blocks(2, 6) == [1, 3]
+
+
+def test_all_small_global_model_is_the_shallow_model(tiny_vit_cache: Path) -> None:
+    experiment = _experiment("all-small", tiny_vit_cache)
+    layers = baselines.global_layers(experiment, NUM_LAYERS)
+    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, experiment.backbone.lora, layers=layers)
+    blocks = {int(k.split(".")[1]) for k in model.initial_state() if k.startswith("blocks.")}
+    assert layers == [0, 1] and blocks == {0, 1} and len(model.model.blocks) == 2
+    assert baselines.global_layers(_experiment("fedra"), NUM_LAYERS) is None
+
+
+def _data() -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(16, 3, 16, 16, generator=generator), torch.arange(16) % NUM_CLASSES)
+
+
+def _local_round(method: str, cache: Path, layers: list[int]) -> tuple[dict[str, torch.Tensor], dict]:
+    experiment = _experiment(method, cache, depthfl_exit_every=2)
+    prepare = lambda m: baselines.prepare_model(m, experiment, NUM_CLASSES, NUM_LAYERS)  # noqa: E731
+    initial = GlobalModel(cache, NUM_CLASSES, experiment.backbone.lora, seed=1, prepare=prepare).initial_state()
+    with torch.no_grad():  # LoRA B starts at zero; non-zero values let every adapter get a gradient
+        initial = {k: (torch.randn_like(v) * 0.1 if "lora_B" in k else v) for k, v in initial.items()}
+    node = NodeSettings(0, 1, max(layers) + 1, None, cache, "cpu")
+    received = {k: v for k, v in initial.items()
+                if not k.startswith("blocks.") or int(k.split(".")[1]) in layers}
+    local = run_local_round(experiment, node, layers, received, _data(), NUM_CLASSES, server_round=1)
+    return local.delta, initial
+
+
+def test_depthfl_exits_are_global_state_and_change_the_result(tiny_vit_cache: Path) -> None:
+    layers = [0, 1, 2, 3]
+    depthfl, initial = _local_round("depthfl", tiny_vit_cache, layers)
+    plain, _ = _local_round("inclusivefl", tiny_vit_cache, layers)
+
+    exits = {k for k in initial if ".exit." in k}
+    assert exits == {f"blocks.{i}.exit.{p}" for i in (1, 3) for p in ("weight", "bias")}
+    assert {k for k in depthfl if ".exit." in k} == exits  # held exits trained and returned
+    assert all(depthfl[k].abs().sum() > 0 for k in exits)
+    shared = [k for k in plain if k in depthfl]
+    assert shared and any(not torch.allclose(depthfl[k], plain[k]) for k in shared)
+
+
+def test_depthfl_loss_adds_distillation_to_every_classifier(tiny_vit_cache: Path) -> None:
+    experiment = _experiment("depthfl", tiny_vit_cache, depthfl_exit_every=2)
+    prepare = lambda m: baselines.prepare_model(m, experiment, NUM_CLASSES, NUM_LAYERS)  # noqa: E731
+    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, experiment.backbone.lora, prepare=prepare).model
+    images, labels = _data().tensors
+    logits, with_kd = baselines.depthfl_loss(model, images[:8], labels[:8], distill_weight=1.0)
+    _, without_kd = baselines.depthfl_loss(model, images[:8], labels[:8], distill_weight=0.0)
+    plain = torch.nn.functional.cross_entropy(model(images[:8]), labels[:8])
+    assert logits.shape == (8, NUM_CLASSES)
+    assert without_kd > plain and with_kd > without_kd  # 3 cross-entropies (2 exits + head), then KL
+    with_kd.backward()
+    assert model.blocks[1].exit.weight.grad is not None and model.blocks[3].exit.weight.grad.abs().sum() > 0
+
+
+def test_inclusivefl_momentum_reaches_the_top_blocks_of_shallow_models() -> None:
+    old = {f"blocks.{i}.w": torch.zeros(2) for i in range(4)} | {"head.weight": torch.zeros(2)}
+    new = {f"blocks.{i}.w": torch.full((2,), float(i)) for i in range(4)} | {"head.weight": torch.ones(2)}
+    momentum: dict[str, torch.Tensor] = {}
+
+    out = baselines.momentum_distill(new, old, depths=[4, 2], momentum=momentum, beta=0.5)
+
+    # depth 2's top block 1 gets 0.5 * momentum; momentum = 0.5 * mean update of blocks 2, 3 = 1.25
+    torch.testing.assert_close(out["blocks.1.w"], torch.full((2,), 1.0 + 0.5 * 1.25))
+    for key in ("blocks.0.w", "blocks.2.w", "blocks.3.w", "head.weight"):
+        torch.testing.assert_close(out[key], new[key])
+    assert set(momentum) == {"blocks.1.w"}
+    assert baselines.momentum_distill(new, old, [4, 2], {}, beta=0.0) == new

@@ -1,0 +1,120 @@
+"""The comparison command on two small finished runs: table, participation and plots."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedra_core import compare
+
+DOMAINS = ["clean", "sketch"]
+
+
+def _finished_run(folder: Path, method: str, allocations: list[list[list[int]]], final: list[float],
+                  failed_node: int | None = None) -> Path:
+    """A run folder as a real run writes it: config.yaml and rounds.jsonl (round 0 + rounds)."""
+    folder.mkdir(parents=True)
+    config = {"name": folder.name, "seed": 0, "strategy": {"method": method}, "run": {"num_layers": 4}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [{"round": 0, "accuracy": {d: 0.1 for d in DOMAINS}, "mean_accuracy": 0.1, "elapsed_seconds": 1.0}]
+    for index, matrix in enumerate(allocations, start=1):
+        rows = [{"node_id": 10 + i, "partition_id": i, "domain": DOMAINS[i], "capacity": sum(r)}
+                for i, r in enumerate(matrix)]
+        clients = [{**row, "status": "failed" if row["node_id"] == failed_node else "ok"} for row in rows]
+        accuracy = {d: a * index / len(allocations) for d, a in zip(DOMAINS, final)}
+        records.append({"round": index, "method": method, "allocation": matrix, "rows": rows, "clients": clients,
+                        "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(DOMAINS),
+                        "elapsed_seconds": 10.0 * index})
+    (folder / "rounds.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return folder
+
+
+def test_report_writes_table_and_plots(tmp_path: Path) -> None:
+    fedra = _finished_run(tmp_path / "fedra", "fedra", [[[1, 0, 1, 0], [0, 1, 0, 0]],
+                                                        [[0, 1, 1, 0], [0, 0, 0, 1]]], [0.8, 0.6])
+    depthfl = _finished_run(tmp_path / "depthfl", "depthfl", [[[1, 1, 0, 0], [1, 0, 0, 0]]] * 2, [0.7, 0.3],
+                            failed_node=11)
+
+    table = compare.report([fedra, depthfl], tmp_path / "out", title="tiny")
+
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | clean | sketch | **mean** |")
+    assert "| fedra | 80.0 | 60.0 | **70.0** | 0 | 2 | 20 s |" in lines
+    assert "| depthfl | 70.0 | 30.0 | **50.0** | 0 | 2 | 20 s |" in lines
+    written = (tmp_path / "out" / "results.md").read_text()
+    assert "| fedra | 1 | 2 | 2 | 1 |" in written  # client-rounds per block, both domains
+    assert "| depthfl | 2 | 2 | 0 | 0 |" in written  # the failed client's rows do not count
+    for name in ("accuracy.png", "participation.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000
+
+
+def test_participation_counts_per_domain(tmp_path: Path) -> None:
+    run = compare.read_run(_finished_run(tmp_path / "r", "fedra", [[[1, 0, 1, 0], [0, 1, 0, 0]]] * 3, [0.5, 0.5]))
+    counts, domains = compare.participation(run)
+    assert domains == DOMAINS
+    assert counts.tolist() == [[3, 0, 3, 0], [0, 3, 0, 0]]
+
+
+def test_seeds_are_averaged(tmp_path: Path) -> None:
+    runs = []
+    for seed, final in ((0, [0.6, 0.4]), (1, [0.8, 0.6])):
+        path = _finished_run(tmp_path / f"s{seed}", "fedra", [[[1, 1, 0, 0], [0, 0, 1, 1]]], final)
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        config["seed"] = seed
+        (path / "config.yaml").write_text(yaml.safe_dump(config))
+        runs.append(compare.read_run(path))
+    assert "| fedra | 70.0 ± 10.0 | 50.0 ± 10.0 | **60.0 ± 10.0** | 0,1 |" in compare.results_table(runs)
+
+
+def test_unfinished_run_and_unknown_method_are_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
+        compare.read_run(tmp_path / "empty")
+    with pytest.raises(ValueError, match="'fedx' is not a method"):
+        compare.run_all(Path("configs/bench-feature.yaml"), ["fedx"], [0], tmp_path / "out")
+
+
+@pytest.mark.parametrize("config", ["domainnet-feature.yaml", "nicopp-feature-label.yaml"])
+def test_paper_configs_name_missing_data_before_the_first_round(tmp_path: Path, tiny_vit_cache: Path,
+                                                                 config: str) -> None:
+    from fedra_core.config import load_experiment
+    from fedra_core.run import ServerRun
+
+    root = Path(__file__).resolve().parent.parent / "configs" / config
+    capacities = [6, 5, 4, 3, 2, 1] * (5 if "label" in config else 1)
+    overrides = {"backbone.cache": str(tiny_vit_cache), "training.device": "cpu", "clients.capacities": capacities,
+                 "data.root": str(tmp_path / "absent")}
+    with pytest.raises(FileNotFoundError, match="dataset root not found: .*absent"):
+        ServerRun(load_experiment(root, overrides), tmp_path / "run")
+    (tmp_path / "present").mkdir()
+    overrides["data.root"] = str(tmp_path / "present")
+    with pytest.raises(FileNotFoundError, match=r"split file not found: .*present/(clipart|autumn)_train\.txt"):
+        ServerRun(load_experiment(root, overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "rounds.jsonl").exists()
+
+
+def test_run_simulates_each_method_then_reports(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    import io
+
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 0,
+        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "max_test_per_domain": 20},
+        "clients": {"capacities": [6, 5, 4, 3, 2, 1]},
+        "training": {"rounds": 1, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003},
+    }))
+    progress = io.StringIO()
+
+    paths = compare.run_all(base, ["depthfl", "all-small"], [0], tmp_path / "cmp", stream=progress)
+    table = compare.report(paths, tmp_path / "cmp")
+
+    assert [p.name for p in paths] == ["tiny-depthfl-s0", "tiny-all-small-s0"]
+    assert "1/2 rounds" in progress.getvalue() and "2/2 rounds" in progress.getvalue()
+    depthfl, small = (compare.read_run(p) for p in paths)
+    assert depthfl.records[1]["allocation"] == [[1] * k + [0] * (6 - k) for k in (6, 5, 4, 3, 2, 1)]
+    assert small.records[1]["allocation"] == [[1, 0, 0, 0, 0, 0]] * 6
+    assert "| depthfl |" in table and "| all-small |" in table
+    again = compare.run_all(base, ["depthfl"], [0], tmp_path / "cmp", stream=io.StringIO())  # finished: skipped
+    assert again == paths[:1]
