@@ -1,49 +1,23 @@
 """Baselines: allocations on the Strategy's messages, DepthFL's exits and loss, all-small, InclusiveFL."""
 
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import TensorDataset
 
 from fedra_core import baselines
 from fedra_core.config import NodeSettings, experiment_from_dict
 from fedra_core.evaluation import GlobalModel
 from fedra_core.local import run_local_round
+from flower_messages import StaticGrid, run_identity  # noqa: F401 - autouse fixture
 from server_app.strategy import FedRA, NodeInfo
 
 NUM_LAYERS = 6
 CAPACITIES = [6, 4, 3, 2]
 NUM_CLASSES = 5
-
-
-class StaticGrid(Grid):
-    """Fixed, already known nodes; no message is transported."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def _no_transport(self, *args: object, **kwargs: object) -> None:
-        raise AssertionError("this test grid carries no messages")
-
-    set_run = create_message = send_and_receive = push_messages = pull_messages = _no_transport
-    run = property(_no_transport)  # type: ignore[assignment]
-
-
-@pytest.fixture(autouse=True)
-def run_identity() -> Iterator[None]:
-    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # stamped on messages
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
 
 
 def _experiment(method: str, cache: Path | None = None, **strategy: object):  # noqa: ANN202

@@ -1,42 +1,15 @@
 """The FedRA Strategy on real Flower messages: allocation per node, reply checks."""
 
-from collections.abc import Iterable, Iterator
-
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedra_core.config import experiment_from_dict
+from flower_messages import StaticGrid, run_identity  # noqa: F401 - autouse fixture
 from server_app.strategy import FedRA, NodeInfo
 
 NUM_LAYERS = 4
-
-
-class StaticGrid(Grid):
-    """A grid whose nodes are fixed and already known; these tests never transport messages."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def _no_transport(self, *args: object, **kwargs: object) -> None:
-        raise AssertionError("this test grid carries no messages")
-
-    set_run = create_message = send_and_receive = push_messages = pull_messages = _no_transport
-    run = property(_no_transport)  # type: ignore[assignment]
-
-
-@pytest.fixture(autouse=True)
-def run_identity() -> Iterator[None]:
-    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # stamped on messages
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
 
 
 def _global_state() -> dict[str, torch.Tensor]:
