@@ -47,6 +47,7 @@ class CacheMeta:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    source: str = ""  # how the weights were made, e.g. a builtin recipe's fingerprint
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def _check_blocks(model: nn.Module, timm_name: str) -> int:
     return len(blocks)
 
 
-def write_cache(model: nn.Module, timm_name: str, kwargs: dict[str, Any], cache_dir: Path) -> CacheMeta:
+def write_cache(model: nn.Module, timm_name: str, kwargs: dict[str, Any], cache_dir: Path,
+                source: str = "", replace: bool = False) -> CacheMeta:
     """Write ``model`` (built by ``timm.create_model(timm_name, **kwargs)``) to a cache.
 
     The directory appears atomically: everything is written to a temporary sibling
@@ -100,7 +102,12 @@ def write_cache(model: nn.Module, timm_name: str, kwargs: dict[str, Any], cache_
     kwargs : dict
         Arguments for ``timm.create_model`` (e.g. ``img_size``, ``depth``).
     cache_dir : Path
-        Destination directory (must not exist yet).
+        Destination directory (must not exist yet, unless ``replace``).
+    source : str
+        How the weights were made, recorded in the metadata.
+    replace : bool
+        Swap out an existing cache at ``cache_dir`` (the caller holds a lock against
+        other writers); readers see either the old or the new directory.
 
     Returns
     -------
@@ -117,6 +124,7 @@ def write_cache(model: nn.Module, timm_name: str, kwargs: dict[str, Any], cache_
         image_size=int(image_size if isinstance(image_size, int) else image_size[-1]),
         mean=tuple(float(x) for x in cfg.get("mean", (0.5, 0.5, 0.5))),
         std=tuple(float(x) for x in cfg.get("std", (0.5, 0.5, 0.5))),
+        source=source,
     )
     skip = classifier_keys(model)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in skip}
@@ -126,7 +134,13 @@ def write_cache(model: nn.Module, timm_name: str, kwargs: dict[str, Any], cache_
     try:
         save_file(weights, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta.__dict__, indent=2))
+        stale = None
+        if replace and cache_dir.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.stale.", dir=cache_dir.parent))
+            os.rename(cache_dir, stale / cache_dir.name)
         os.rename(tmp, cache_dir)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (cache_dir / META_FILE).is_file():
@@ -245,7 +259,9 @@ def export_timm(timm_name: str, cache_dir: Path, checkpoint: Path | None = None,
         if missing or unexpected:
             raise BackboneCacheError(f"{checkpoint} does not fit {timm_name}: missing {missing[:3]}, "
                                      f"unexpected {unexpected[:3]}")
-    return write_cache(model, timm_name, kwargs, cache_dir)
+    source = f"checkpoint:{checkpoint}" if checkpoint is not None else (
+        f"timm:{timm_name}" + (":pretrained" if pretrained else ":random-init"))
+    return write_cache(model, timm_name, kwargs, cache_dir, source=source)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

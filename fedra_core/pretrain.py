@@ -4,9 +4,20 @@ The embedded default must run offline, so its backbone cannot come from a hub. T
 module pretrains one once, on a synthetic shapes-and-textures task that shares no
 data and no labels with the tuning benchmark, and writes it as a backbone cache.
 Only the server (or ``python -m fedra_core.pretrain``) builds it; clients only read.
+
+Half of the pretraining batches run through a random sub-model (a depth drawn
+uniformly from 1..12, then that many random blocks in order), the other half
+through all blocks. Large ViTs are pretrained with stochastic depth, which makes
+their blocks usable with others skipped; a small ViT trained without it depends
+on every block (in the first version of this recipe, any sub-model without block 0
+was near chance), and then every method that trains sub-models, FedRA above all,
+tunes a backbone unlike the ones it is meant for. The cache records a digest of
+the recipe, so a cache built by another version is rebuilt, not silently reused.
 """
 
 import fcntl
+import hashlib
+import json
 import logging
 import math
 import time
@@ -32,6 +43,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "epochs": 4,
         "batch_size": 128,
         "lr": 2e-3,
+        "random_depth": 0.5,  # share of batches run through a random sub-model
     },
 }
 
@@ -71,6 +83,22 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (images * sign * gain + noise).clamp(-2.0, 2.0)
 
 
+def random_blocks(num_layers: int, generator: torch.Generator) -> list[int]:
+    """A random sub-model's blocks: a depth drawn uniformly from 1..L, then that many blocks."""
+    depth = int(torch.randint(1, num_layers + 1, (1,), generator=generator))
+    return sorted(torch.randperm(num_layers, generator=generator)[:depth].tolist())
+
+
+def forward_blocks(model: nn.Module, images: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    """Logits of the model run through ``blocks`` only, in order (the others skipped)."""
+    full = model.blocks
+    model.blocks = nn.Sequential(*[full[i] for i in blocks])
+    try:
+        return model(images)
+    finally:
+        model.blocks = full
+
+
 def pretrain(recipe_name: str, seed: int = 0, threads: int | None = None) -> nn.Module:
     """Pretrain the recipe's ViT on synthetic shapes (all weights, AdamW, cosine)."""
     recipe = RECIPES[recipe_name]
@@ -92,7 +120,11 @@ def pretrain(recipe_name: str, seed: int = 0, threads: int | None = None) -> nn.
         for epoch in range(recipe["epochs"]):
             correct, seen = 0, 0
             for images, labels in loader:
-                logits = model(augment(images, generator))
+                images = augment(images, generator)
+                if torch.rand(1, generator=generator).item() < recipe.get("random_depth", 0.0):
+                    logits = forward_blocks(model, images, random_blocks(len(model.blocks), generator))
+                else:
+                    logits = model(images)
                 loss = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -106,27 +138,48 @@ def pretrain(recipe_name: str, seed: int = 0, threads: int | None = None) -> nn.
     return model.eval()
 
 
+def recipe_source(recipe_name: str, seed: int) -> str:
+    """The ``source`` a cache built from the recipe records: name, seed and a recipe digest.
+
+    Any change to a recipe changes its digest, so a cache built by an older version
+    of the recipe is recognised and rebuilt instead of silently reused.
+    """
+    digest = hashlib.sha256(json.dumps(RECIPES[recipe_name], sort_keys=True).encode()).hexdigest()[:12]
+    return f"builtin:{recipe_name}:seed={seed}:recipe={digest}"
+
+
+def _current_meta(cache_dir: Path, source: str) -> CacheMeta | None:
+    """The cache's metadata if it holds this exact recipe's backbone, else None."""
+    try:
+        meta = read_meta(cache_dir)
+    except BackboneCacheError:
+        return None
+    return meta if meta.source == source else None
+
+
 def ensure_builtin_backbone(cache_dir: Path, recipe_name: str, seed: int = 0) -> CacheMeta:
-    """Return the cache's metadata, pretraining and writing it first if it is missing.
+    """Return the cache's metadata, pretraining and writing it first if it is missing or stale.
 
     Concurrent callers wait on a lock beside the cache, so only one pretrains; the
-    cache directory itself appears atomically (see ``write_cache``).
+    cache directory itself appears atomically (see ``write_cache``). A cache built by
+    another version of the recipe (or another seed) is replaced.
     """
     if recipe_name not in RECIPES:
         raise BackboneCacheError(f"unknown builtin backbone {recipe_name!r}; known: {sorted(RECIPES)}")
     cache_dir = Path(cache_dir).expanduser()
-    try:
-        return read_meta(cache_dir)
-    except BackboneCacheError:
-        pass
+    source = recipe_source(recipe_name, seed)
+    if (meta := _current_meta(cache_dir, source)) is not None:
+        return meta
     with _file_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
-        try:
-            return read_meta(cache_dir)
-        except BackboneCacheError:
-            logger.info("building the builtin backbone %s into %s (once)", recipe_name, cache_dir)
+        if (meta := _current_meta(cache_dir, source)) is not None:
+            return meta
+        stale = (cache_dir / "meta.json").is_file()
+        logger.info("%s the builtin backbone %s into %s (once)",
+                    "rebuilding (the cache there is from another recipe version)" if stale else "building",
+                    recipe_name, cache_dir)
         recipe = RECIPES[recipe_name]
         model = pretrain(recipe_name, seed)
-        return write_cache(model, recipe["timm_name"], recipe["kwargs"], cache_dir)
+        return write_cache(model, recipe["timm_name"], recipe["kwargs"], cache_dir, source=source, replace=True)
 
 
 def main() -> None:
