@@ -110,6 +110,10 @@ def parse_run_config(text: str) -> dict[str, str]:
     return pairs
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one simulation; return flwr's exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_config:
         command += ["--run-config", args.run_config]
     print(f"FLWR_HOME={flwr_home} {' '.join(shlex.quote(c) for c in command)}", flush=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so that `finally` stops the SuperLink on SIGTERM too
     try:
         return subprocess.call(command, env=env, cwd=ROOT)
     except KeyboardInterrupt:

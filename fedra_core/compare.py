@@ -4,13 +4,15 @@
 --seeds 0 1 --out outputs/compare/feature`` writes one experiment file per method and
 seed (the base with ``strategy.method``, ``seed`` and ``name`` replaced), runs each
 through ``deploy/simulate.py`` (a real Flower simulation), skips runs already finished,
-and writes ``results.md``, ``accuracy.png`` and ``participation.png`` into ``--out``.
+resumes interrupted ones from their checkpoint, and writes ``results.md``, ``accuracy.png`` and ``participation.png`` into ``--out``.
 ``python -m fedra_core.compare report RUN_DIR ... --out DIR`` only reads finished runs.
 """
 
 import argparse
 import json
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -82,20 +84,35 @@ def _progress(done: int, total: int, label: str, stream: TextIO) -> None:
 
 
 def simulate(experiment_file: Path, out: Path, run_name: str, rounds_before: int, rounds_total: int,
-             log_file: Path, stream: TextIO = sys.stderr) -> float:
-    """Run one experiment through ``deploy/simulate.py``, showing progress; return its wall seconds."""
+             log_file: Path, stream: TextIO = sys.stderr, resume: bool = False) -> float:
+    """Run one experiment through ``deploy/simulate.py``, showing progress; return its wall seconds.
+
+    With ``resume`` the run continues from its checkpoint. If this process is
+    interrupted (Ctrl-C, SIGTERM), the simulation is stopped too, which stops its
+    SuperLink; the run's checkpoint stays for the next call to resume from.
+    """
+    run_config = f"experiment='{experiment_file}' output-dir='{out / 'runs'}' run-name='{run_name}'"
     command = [sys.executable, str(SIMULATE), "--flwr-home", str(out / ".flwr-home"), "-c",
-               f"experiment='{experiment_file}' output-dir='{out / 'runs'}' run-name='{run_name}'"]
+               run_config + (" resume=true" if resume else "")]
     start = time.perf_counter()
-    with open(log_file, "w", buffering=1) as log, subprocess.Popen(
+    with open(log_file, "a" if resume else "w", buffering=1) as log, subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            match = _ROUND_LINE.search(line)
-            if match:
-                _progress(rounds_before + int(match.group(1)), rounds_total,
-                          f"{run_name}: round {match.group(1)}/{match.group(2)}, mean {match.group(3)}%", stream)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                match = _ROUND_LINE.search(line)
+                if match:
+                    _progress(rounds_before + int(match.group(1)), rounds_total,
+                              f"{run_name}: round {match.group(1)}/{match.group(2)}, mean {match.group(3)}%",
+                              stream)
+        except BaseException:
+            proc.terminate()  # deploy/simulate.py stops its SuperLink on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         code = proc.wait()
     if code != 0:
         raise RuntimeError(f"{run_name} failed (exit code {code}); see {log_file}")
@@ -104,7 +121,7 @@ def simulate(experiment_file: Path, out: Path, run_name: str, rounds_before: int
 
 def run_all(base: Path, methods: Sequence[str], seeds: Sequence[int], out: Path,
             overrides: dict[str, Any] | None = None, stream: TextIO = sys.stderr) -> list[Path]:
-    """Run every method x seed of ``base`` (skipping finished runs); return the run folders.
+    """Run every method x seed of ``base`` (skipping finished runs, resuming interrupted ones).
 
     Parameters
     ----------
@@ -146,9 +163,11 @@ def run_all(base: Path, methods: Sequence[str], seeds: Sequence[int], out: Path,
         if _is_finished(run_dir, rounds):
             _progress((index + 1) * rounds, len(plan) * rounds, f"{name}: already finished", stream)
             continue
-        if (run_dir / "rounds.jsonl").exists():
-            raise RuntimeError(f"{run_dir} holds an unfinished run; remove it or resume it first")
-        simulate(config_file, out, name, index * rounds, len(plan) * rounds, out / "logs" / f"{name}.log", stream)
+        resume = (run_dir / "checkpoint.safetensors").is_file()  # interrupted after a round: continue it
+        if (run_dir / "rounds.jsonl").exists() and not resume:
+            shutil.rmtree(run_dir)  # interrupted before its first round ended: nothing to keep
+        simulate(config_file, out, name, index * rounds, len(plan) * rounds, out / "logs" / f"{name}.log", stream,
+                 resume=resume)
     stream.write("\n")
     return paths
 
@@ -284,6 +303,10 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``run`` (simulate, then report) or ``report`` (finished runs only)."""
     parser = argparse.ArgumentParser(prog="python -m fedra_core.compare", description=__doc__.split("\n\n")[0])
@@ -301,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--title", default="")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     if args.command == "run":
         out = args.out.resolve()
         paths = run_all(args.base.resolve(), args.methods, args.seeds, out, dict(args.overrides))

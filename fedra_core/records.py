@@ -13,7 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedra_core.config import Experiment
+from fedra_core.config import ConfigError, Experiment, experiment_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,26 @@ class RunOutput:
         if extra:
             values["run"] = dict(extra)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+
+    def _read_config_values(self) -> dict[str, Any]:
+        path = self.dir / "config.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {self.dir} holds no run")
+        return yaml.safe_load(path.read_text()) or {}
+
+    def read_extras(self) -> dict[str, Any]:
+        """What ``write_config`` recorded beside the experiment (backbone, depth, weights' source)."""
+        return dict(self._read_config_values().get("run") or {})
+
+    def read_config(self) -> Experiment:
+        """The experiment of ``config.yaml`` (without the run's recorded extras)."""
+        values = self._read_config_values()
+        values.pop("run", None)
+        path = self.dir / "config.yaml"
+        try:
+            return experiment_from_dict(values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
 
     def append_round(self, record: Mapping[str, Any]) -> None:
         """Append one round's record to ``rounds.jsonl`` and flush it to disk."""

@@ -44,6 +44,19 @@ def check_experiment(experiment: Experiment, meta: CacheMeta) -> None:
                           f"= {expected} clients")
 
 
+def check_same_backbone(output: RunOutput, meta: CacheMeta) -> None:
+    """Refuse to continue or read a run with other backbone weights than it was tuned on.
+
+    Adapters only make sense on the weights they were trained with; a run records the
+    cache's ``source`` (e.g. the builtin recipe's digest) in ``config.yaml``. Runs from
+    before this was recorded are accepted.
+    """
+    recorded = output.read_extras().get("backbone_source")
+    if recorded is not None and recorded != meta.source:
+        raise ConfigError(f"{output.dir} was tuned on the backbone {recorded!r} but the cache now holds "
+                          f"{meta.source!r}; point backbone.cache at the original weights")
+
+
 def unique_run_dir(base: Path, name: str) -> Path:
     """``base/name``, or ``base/name-2``, ``-3``... so a finished run is never overwritten."""
     candidate, n = base / name, 1
@@ -76,7 +89,8 @@ class ServerRun:
         if resume:
             self._resume()
         else:
-            self.output.write_config(experiment, {"backbone": self.meta.timm_name, "num_layers": self.meta.num_layers})
+            self.output.write_config(experiment, {"backbone": self.meta.timm_name, "num_layers": self.meta.num_layers,
+                                                  "backbone_source": self.meta.source})
         self.started = time.perf_counter()
         self._round_started = time.perf_counter()
 
@@ -87,6 +101,7 @@ class ServerRun:
             raise ConfigError(f"resume: {err}") from err
         if set(state) != set(self.state):
             raise ConfigError(f"resume: the checkpoint in {self.output.dir} does not fit this experiment's model")
+        check_same_backbone(self.output, self.meta)
         self.state, self.start_round, self.rng = state, last_round, rng
         self.output.truncate_rounds(last_round)
         logger.info("resuming %s after round %d", self.output.dir, last_round)

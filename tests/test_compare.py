@@ -118,3 +118,61 @@ def test_run_simulates_each_method_then_reports(tmp_path: Path, tiny_vit_cache: 
     assert "| depthfl |" in table and "| all-small |" in table
     again = compare.run_all(base, ["depthfl"], [0], tmp_path / "cmp", stream=io.StringIO())  # finished: skipped
     assert again == paths[:1]
+
+
+def _processes_with_flwr_home(flwr_home: Path) -> list[int]:
+    """PIDs whose environment has this FLWR_HOME: the SuperLink and runtimes a simulation started."""
+    wanted = f"FLWR_HOME={flwr_home}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_interrupted_comparison_stops_its_servers_and_resumes(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 0,
+        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "max_test_per_domain": 20},
+        "clients": {"capacities": [6, 5, 4, 3, 2, 1]},
+        "training": {"rounds": 4, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003},
+    }))
+    out = tmp_path / "cmp"
+    run_dir = out / "runs" / "tiny-fedra-s0"
+    command = [sys.executable, "-m", "fedra_core.compare", "run", "--base", str(base), "--methods", "fedra",
+               "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=compare.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(compare.ROOT)})
+    try:
+        while proc.poll() is None and not (run_dir / "checkpoint.safetensors").is_file():
+            time.sleep(0.5)
+        assert proc.poll() is None, "the comparison ended before it could be interrupted"
+        assert _processes_with_flwr_home(out / ".flwr-home")  # the simulation's SuperLink is up
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _processes_with_flwr_home(out / ".flwr-home") == []  # nothing left running
+    done = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert 1 <= done[-1] < 4 and not (run_dir / "results.md").exists()
+
+    paths = compare.run_all(base, ["fedra"], [0], out, stream=__import__("io").StringIO())
+
+    assert paths == [run_dir]
+    rounds = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == list(range(5))  # rounds 0..4 once each: continued, not restarted
+    assert "resuming" in (out / "logs" / "tiny-fedra-s0.log").read_text()
+    assert (run_dir / "results.md").is_file()

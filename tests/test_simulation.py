@@ -83,3 +83,39 @@ def test_bad_experiment_fails_before_the_first_round(tmp_path: Path, tiny_vit_ca
     log = result.stdout + result.stderr
     assert "clients.capacities[5] = 9 is outside 1..6" in log
     assert not (tmp_path / "out" / "tiny" / "rounds.jsonl").exists()
+
+
+def test_probe_evaluates_the_finished_run_through_sub_models(finished_run: tuple[Path, str], tmp_path: Path) -> None:
+    from fedra_core import probe
+
+    run_dir, _ = finished_run
+    rows = probe.probe(run_dir, depths=[2, 6], draws=2)
+
+    assert [(r.label, len(r.layers)) for r in rows] == [("all blocks", 6), ("first 2", 2), ("random 2", 2),
+                                                         ("random 2", 2)]
+    assert rows[1].layers == (0, 1)
+    final = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()][-1]
+    assert rows[0].accuracy == pytest.approx({d: 100 * a for d, a in final["accuracy"].items()})  # the server's own figure
+    out = tmp_path / "probe.md"
+    probe.main([str(run_dir), "--depths", "3", "--draws", "1", "--out", str(out)])
+    assert "| first 3 | 0 1 2 |" in out.read_text()
+
+
+def test_probe_refuses_a_run_tuned_on_other_weights(finished_run: tuple[Path, str], tmp_path: Path) -> None:
+    import shutil
+
+    from fedra_core import probe
+    from fedra_core.config import ConfigError
+
+    run_dir, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    assert "backbone_source" in config["run"]
+    config["run"]["backbone_source"] = "builtin:digits-vit:seed=0:recipe=000000000000"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="recipe=000000000000"):
+        probe.probe(copy)
+    (copy / "adapters.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapters.safetensors is missing"):
+        probe.probe(copy)
