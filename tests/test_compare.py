@@ -1,6 +1,12 @@
 """The comparison command on two small finished runs: table, participation and plots."""
 
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +34,19 @@ def _finished_run(folder: Path, method: str, allocations: list[list[list[int]]],
                         "elapsed_seconds": 10.0 * index})
     (folder / "rounds.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return folder
+
+
+def _tiny_base(tmp_path: Path, cache: Path, rounds: int) -> Path:
+    """A base experiment small enough to simulate in seconds."""
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 0,
+        "backbone": {"cache": str(cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "max_test_per_domain": 20},
+        "clients": {"capacities": [6, 5, 4, 3, 2, 1]},
+        "training": {"rounds": rounds, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003},
+    }))
+    return base
 
 
 def test_report_writes_table_and_plots(tmp_path: Path) -> None:
@@ -95,16 +114,7 @@ def test_paper_configs_name_missing_data_before_the_first_round(tmp_path: Path, 
 
 
 def test_run_simulates_each_method_then_reports(tmp_path: Path, tiny_vit_cache: Path) -> None:
-    import io
-
-    base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump({
-        "name": "tiny", "seed": 0,
-        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
-        "data": {"dataset": "builtin-digits", "max_test_per_domain": 20},
-        "clients": {"capacities": [6, 5, 4, 3, 2, 1]},
-        "training": {"rounds": 1, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003},
-    }))
+    base = _tiny_base(tmp_path, tiny_vit_cache, rounds=1)
     progress = io.StringIO()
 
     paths = compare.run_all(base, ["depthfl", "all-small"], [0], tmp_path / "cmp", stream=progress)
@@ -135,20 +145,8 @@ def _processes_with_flwr_home(flwr_home: Path) -> list[int]:
 
 
 def test_interrupted_comparison_stops_its_servers_and_resumes(tmp_path: Path, tiny_vit_cache: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump({
-        "name": "tiny", "seed": 0,
-        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
-        "data": {"dataset": "builtin-digits", "max_test_per_domain": 20},
-        "clients": {"capacities": [6, 5, 4, 3, 2, 1]},
-        "training": {"rounds": 4, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003},
-    }))
+    base = _tiny_base(tmp_path, tiny_vit_cache, rounds=4)
     out = tmp_path / "cmp"
     run_dir = out / "runs" / "tiny-fedra-s0"
     command = [sys.executable, "-m", "fedra_core.compare", "run", "--base", str(base), "--methods", "fedra",
@@ -169,7 +167,7 @@ def test_interrupted_comparison_stops_its_servers_and_resumes(tmp_path: Path, ti
     done = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert 1 <= done[-1] < 4 and not (run_dir / "results.md").exists()
 
-    paths = compare.run_all(base, ["fedra"], [0], out, stream=__import__("io").StringIO())
+    paths = compare.run_all(base, ["fedra"], [0], out, stream=io.StringIO())
 
     assert paths == [run_dir]
     rounds = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
