@@ -29,11 +29,14 @@ def _setup(message: Message, context: Context) -> tuple[Experiment, NodeSettings
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Declare this node's capacity (``max-layers``), partition, domain and data size."""
+    """Declare this node's capacity (``max-layers``), partition, domain, data size and backbone."""
     _, node, data = _setup(message, context)
+    meta = read_meta(node.backbone_cache)
     metrics = MetricRecord({"max-layers": node.max_layers, "partition-id": node.partition_id,
-                            "num-partitions": node.num_partitions, "num-examples": len(data.train)})
-    config = ConfigRecord({"domain": data.domain, "device": node.device, "pid": os.getpid()})
+                            "num-partitions": node.num_partitions, "num-examples": len(data.train),
+                            "backbone-layers": meta.num_layers})
+    config = ConfigRecord({"domain": data.domain, "device": node.device, "pid": os.getpid(),
+                           "backbone-source": meta.source})
     return Message(RecordDict({"capacity": metrics, "node": config}), reply_to=message)
 
 

@@ -62,7 +62,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "FedRA run '%s' -> %s", experiment.name, run.output.dir)
     log(INFO, "Backbone %s: %d blocks; global trainable state: %s", run.meta.timm_name, run.num_layers,
         describe_state(run.state))
-    strategy = FedRA(experiment, run.num_layers, run.rng, round_offset=run.start_round)
+    strategy = FedRA(experiment, run.num_layers, run.rng, round_offset=run.start_round,
+                     backbone_source=run.meta.source)
     strategy.discover(grid, wait_for=experiment.num_clients)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

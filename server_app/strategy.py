@@ -110,11 +110,15 @@ class FedRA(Strategy):
         The run's only source of randomness on the server (sampling and allocation).
     round_offset : int
         Rounds already done before this start (resuming).
+    backbone_source : str
+        The ``source`` of the server's backbone cache; a node whose cache records
+        another one (other weights) is excluded with the reason.
     """
 
     def __init__(self, experiment: Experiment, num_layers: int, rng: np.random.Generator,
-                 round_offset: int = 0) -> None:
+                 round_offset: int = 0, backbone_source: str = "") -> None:
         self.experiment = experiment
+        self.backbone_source = backbone_source
         self.cfg = experiment.strategy
         self.num_layers = num_layers
         self.rng = rng
@@ -177,6 +181,13 @@ class FedRA(Strategy):
         pid = metrics.get("partition-id")
         if not isinstance(pid, int) or not 0 <= pid < self.experiment.num_clients:
             raise InvalidReply(f"declared partition-id {pid!r} is outside 0..{self.experiment.num_clients - 1}")
+        layers = metrics.get("backbone-layers")
+        if isinstance(layers, int) and layers != self.num_layers:
+            raise InvalidReply(f"its backbone cache has {layers} blocks, the server's {self.num_layers}")
+        source = str(config.get("backbone-source", ""))
+        if source and self.backbone_source and source != self.backbone_source:
+            raise InvalidReply(f"its backbone cache holds other weights ({source}) than the server's "
+                               f"({self.backbone_source}); give the node a copy of the server's cache")
         partitions = metrics.get("num-partitions", 0)
         if isinstance(partitions, int) and 0 < partitions < self.experiment.num_clients:
             raise FederationTooSmall(

@@ -277,6 +277,28 @@ def test_node_declaring_no_valid_capacity_is_excluded_with_its_reason(run_identi
     assert "memory-budget-mb=0.001 cannot hold one block" in strategy.excluded[3]
 
 
+def test_node_whose_cache_holds_other_weights_is_excluded(run_identity: None) -> None:
+    experiment = experiment_from_dict({"clients": {"capacities": [4, 4, 4, 4]}})
+    strategy = FedRA(experiment, 4, np.random.default_rng(0), backbone_source="builtin:digits-vit:recipe=new")
+
+    def declare(partition: int, source: str, layers: int = 4) -> Callable[[Message], Message]:
+        def answer(message: Message) -> Message:
+            capacity = MetricRecord({"max-layers": 4, "partition-id": partition, "backbone-layers": layers})
+            content = RecordDict({"capacity": capacity,
+                                  "node": ConfigRecord({"domain": "clean", "backbone-source": source})})
+            return Message(content, reply_to=message)
+        return answer
+
+    grid = _QueryGrid({1: declare(0, "builtin:digits-vit:recipe=new"), 2: declare(1, "builtin:digits-vit:recipe=old"),
+                       3: declare(2, "builtin:digits-vit:recipe=new", layers=6), 4: declare(3, "")})
+
+    strategy.discover(grid, wait_for=2)  # type: ignore[arg-type]
+
+    assert sorted(strategy.nodes) == [1, 4]  # same weights, or a cache that records no source
+    assert "other weights (builtin:digits-vit:recipe=old)" in strategy.excluded[2]
+    assert "has 6 blocks, the server's 4" in strategy.excluded[3]
+
+
 def test_run_stops_with_a_message_when_fewer_than_min_clients_remain(run_identity: None) -> None:
     experiment = experiment_from_dict({"clients": {"capacities": [4, 4, 4]}, "strategy": {"min_clients": 2}})
     strategy = FedRA(experiment, 4, np.random.default_rng(0))
