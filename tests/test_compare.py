@@ -58,9 +58,9 @@ def test_report_writes_table_and_plots(tmp_path: Path) -> None:
     table = compare.report([fedra, depthfl], tmp_path / "out", title="tiny")
 
     lines = table.splitlines()
-    assert lines[0].startswith("| method | clean | sketch | **mean** |")
-    assert "| fedra | 80.0 | 60.0 | **70.0** | 0 | 2 | 20 s |" in lines
-    assert "| depthfl | 70.0 | 30.0 | **50.0** | 0 | 2 | 20 s |" in lines
+    assert lines[0].startswith("| method | clean | sketch | **mean** | last 5 rounds |")
+    assert "| fedra | 80.0 | 60.0 | **70.0** | 52.5 | 0 | 2 | 20 s |" in lines  # rounds 1-2: 35.0, 70.0
+    assert "| depthfl | 70.0 | 30.0 | **50.0** | 37.5 | 0 | 2 | 20 s |" in lines
     written = (tmp_path / "out" / "results.md").read_text()
     assert "| fedra | 1 | 2 | 2 | 1 |" in written  # client-rounds per block, both domains
     assert "| depthfl | 2 | 2 | 0 | 0 |" in written  # the failed client's rows do not count
@@ -83,7 +83,7 @@ def test_seeds_are_averaged(tmp_path: Path) -> None:
         config["seed"] = seed
         (path / "config.yaml").write_text(yaml.safe_dump(config))
         runs.append(compare.read_run(path))
-    assert "| fedra | 70.0 ± 10.0 | 50.0 ± 10.0 | **60.0 ± 10.0** | 0,1 |" in compare.results_table(runs)
+    assert "| fedra | 70.0 ± 10.0 | 50.0 ± 10.0 | **60.0 ± 10.0** | 60.0 ± 10.0 | 0,1 |" in compare.results_table(runs)
 
 
 def test_unfinished_run_and_unknown_method_are_named(tmp_path: Path) -> None:
