@@ -10,9 +10,9 @@ uniformly from 1..12, then that many random blocks in order), the other half
 through all blocks. Large ViTs are pretrained with stochastic depth, which makes
 their blocks usable with others skipped; a small ViT trained without it depends
 on every block (with the first version of this recipe, tuned sub-models that skipped
-block 0 lost a third to two thirds of their accuracy; ``python -m fedra_core.probe``
-shows it), and then every method that trains sub-models, FedRA above all, tunes a
-backbone unlike the ones it is meant for. The cache records a digest of
+block 0 lost much of their accuracy: ``python -m fedra_core.probe`` shows it, and
+docs/RESULTS.md gives the figures), and then every method that trains sub-models,
+FedRA above all, tunes a backbone unlike the ones it is meant for. The cache records a digest of
 the recipe, so a cache built by another version is rebuilt, not silently reused.
 """
 
