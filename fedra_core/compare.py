@@ -4,7 +4,8 @@
 --seeds 0 1 --out outputs/compare/feature`` writes one experiment file per method and
 seed (the base with ``strategy.method``, ``seed`` and ``name`` replaced), runs each
 through ``deploy/simulate.py`` (a real Flower simulation), skips runs already finished,
-resumes interrupted ones from their checkpoint, and writes ``results.md``, ``accuracy.png`` and ``participation.png`` into ``--out``.
+resumes interrupted ones from their checkpoint, and writes ``results.md``,
+``accuracy.png`` and ``participation.png`` into ``--out``.
 ``python -m fedra_core.compare report RUN_DIR ... --out DIR`` only reads finished runs.
 """
 

@@ -12,8 +12,10 @@ their blocks usable with others skipped; a small ViT trained without it depends
 on every block (with the first version of this recipe, tuned sub-models that skipped
 block 0 lost much of their accuracy: ``python -m fedra_core.probe`` shows it, and
 docs/RESULTS.md gives the figures), and then every method that trains sub-models,
-FedRA above all, tunes a backbone unlike the ones it is meant for. The cache records a digest of
-the recipe, so a cache built by another version is rebuilt, not silently reused.
+FedRA above all, tunes a backbone unlike the ones it is meant for. The cache records
+a digest of the recipe, so a cache built by another version is rebuilt, not silently
+reused; a cache that holds other weights (an exported timm backbone) is never
+overwritten.
 """
 
 import fcntl
@@ -175,6 +177,12 @@ def ensure_builtin_backbone(cache_dir: Path, recipe_name: str, seed: int = 0) ->
         if (meta := _current_meta(cache_dir, source)) is not None:
             return meta
         stale = (cache_dir / "meta.json").is_file()
+        if stale:
+            held = read_meta(cache_dir).source
+            if held and not held.startswith(f"builtin:{recipe_name}:"):
+                raise BackboneCacheError(
+                    f"{cache_dir} holds another backbone ({held}), not the builtin {recipe_name!r}; "
+                    "point backbone.cache elsewhere or set backbone.builtin to null to use it")
         logger.info("%s the builtin backbone %s into %s (once)",
                     "rebuilding (the cache there is from another recipe version)" if stale else "building",
                     recipe_name, cache_dir)

@@ -79,3 +79,16 @@ def test_cache_from_before_recipes_were_recorded_is_rebuilt(tiny_recipe: dict, t
     meta_file.write_text(json.dumps(old))
     assert read_meta(cache).source == ""
     assert pretrain.ensure_builtin_backbone(cache, "tiny-test", seed=0).source == pretrain.recipe_source("tiny-test", 0)
+
+
+def test_another_backbone_in_the_cache_folder_is_never_overwritten(tiny_recipe: dict, tmp_path: Path) -> None:
+    from fedra_core.backbone import BackboneCacheError, write_cache
+
+    timm = import_timm()
+    model = timm.create_model("vit_tiny_patch16_224", **TINY_RECIPE["kwargs"])
+    cache = tmp_path / "mine"
+    write_cache(model, "vit_tiny_patch16_224", TINY_RECIPE["kwargs"], cache, source="timm:vit_tiny:pretrained")
+    before = (cache / "backbone.safetensors").read_bytes()
+    with pytest.raises(BackboneCacheError, match="holds another backbone .timm:vit_tiny:pretrained."):
+        pretrain.ensure_builtin_backbone(cache, "tiny-test", seed=0)
+    assert (cache / "backbone.safetensors").read_bytes() == before
