@@ -7,7 +7,7 @@ import time
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedra_core.backbone import read_meta
+from fedra_core.backbone import CacheMeta, read_meta
 from fedra_core.config import Experiment, NodeSettings, experiment_from_dict, resolve_node
 from fedra_core.datasets import ClientData, client_data
 from fedra_core.wire import decode, encode
@@ -15,8 +15,8 @@ from fedra_core.wire import decode, encode
 app = ClientApp()
 
 
-def _setup(message: Message, context: Context) -> tuple[Experiment, NodeSettings, ClientData]:
-    """The experiment sent by the server, this node's settings, and its local data."""
+def _setup(message: Message, context: Context) -> tuple[Experiment, NodeSettings, CacheMeta, ClientData]:
+    """The experiment sent by the server, this node's settings, its backbone cache and its local data."""
     experiment = experiment_from_dict(json.loads(str(message.content["config"]["experiment"])))
     node = resolve_node(experiment, dict(context.node_config))
     if experiment.training.num_threads:
@@ -24,14 +24,13 @@ def _setup(message: Message, context: Context) -> tuple[Experiment, NodeSettings
 
         torch.set_num_threads(experiment.training.num_threads)
     meta = read_meta(node.backbone_cache)
-    return experiment, node, client_data(experiment, node, meta)
+    return experiment, node, meta, client_data(experiment, node, meta)
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Declare this node's capacity (``max-layers``), partition, domain, data size and backbone."""
-    _, node, data = _setup(message, context)
-    meta = read_meta(node.backbone_cache)
+    _, node, meta, data = _setup(message, context)
     metrics = MetricRecord({"max-layers": node.max_layers, "partition-id": node.partition_id,
                             "num-partitions": node.num_partitions, "num-examples": len(data.train),
                             "backbone-layers": meta.num_layers})
@@ -46,7 +45,7 @@ def train(message: Message, context: Context) -> Message:
     start = time.perf_counter()
     from fedra_core.local import run_local_round  # torch models and peft: only needed to train
 
-    experiment, node, data = _setup(message, context)
+    experiment, node, _, data = _setup(message, context)
     config = message.content["config"]
     layers = [int(i) for i in config["layers"]]
     received = decode({k: a.numpy() for k, a in message.content["arrays"].items()})

@@ -80,7 +80,8 @@ class ServerRun:
             logger.info("the server has no CUDA: the global model is evaluated on the CPU")
             device = "cpu"
         self.model = GlobalModel(experiment.backbone.cache_path, self.num_classes, experiment.backbone.lora,
-                                 device=device, seed=experiment.seed, layers=baselines.global_layers(experiment, self.meta.num_layers),
+                                 device=device, seed=experiment.seed,
+                                 layers=baselines.global_layers(experiment, self.meta.num_layers),
                                  prepare=lambda m: baselines.prepare_model(m, experiment, self.num_classes,
                                                                            self.meta.num_layers))
         self.start_round = 0
