@@ -13,6 +13,7 @@ and a loss term (``attach_exits``, ``depthfl_loss``).
 | ``inclusivefl``, ``depthfl``, ``first`` | blocks 0..k_i-1 | all blocks       |
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedra_core.aggregation import masked_average
 from fedra_core.allocation import allocate
-from fedra_core.config import Experiment
+from fedra_core.config import Experiment, StrategyConfig
 from fedra_core.training import LossFn, cross_entropy_loss
 
 DEPTH_FIRST = ("first", "inclusivefl", "depthfl")
@@ -145,10 +147,25 @@ def prepare_model(model: nn.Module, experiment: Experiment, num_classes: int, nu
     return model
 
 
-def loss_for(experiment: Experiment) -> LossFn:
-    """The training loop's loss for the method: DepthFL's, else plain cross-entropy."""
+def distill_weight(strategy: StrategyConfig, server_round: int) -> float:
+    """DepthFL's self-distillation weight in round ``server_round`` (1, 2, ...).
+
+    Constant (``depthfl_distill_weight``) unless ``depthfl_distill_ramp_rounds`` R is
+    set; then it ramps up as ``exp(-5 (1 - min(r, R) / R)^2)`` times that weight, as in
+    DepthFL's code and FedRA's reimplementation (0.7% of it in the first of 100 rounds,
+    all of it from round R on): early exits learn their labels before they teach.
+    """
+    ramp = strategy.depthfl_distill_ramp_rounds
+    if ramp is None:
+        return strategy.depthfl_distill_weight
+    phase = 1.0 - min(max(server_round, 0), ramp) / ramp
+    return strategy.depthfl_distill_weight * math.exp(-5.0 * phase * phase)
+
+
+def loss_for(experiment: Experiment, server_round: int) -> LossFn:
+    """The training loop's loss for the method in ``server_round``: DepthFL's, else cross-entropy."""
     if experiment.strategy.method == "depthfl":
-        return partial(depthfl_loss, distill_weight=experiment.strategy.depthfl_distill_weight)
+        return partial(depthfl_loss, distill_weight=distill_weight(experiment.strategy, server_round))
     return cross_entropy_loss
 
 
@@ -160,48 +177,87 @@ def _block_suffix(key: str) -> tuple[int, str] | None:
     return None
 
 
-def momentum_distill(new_state: Mapping[str, torch.Tensor], old_state: Mapping[str, torch.Tensor],
-                     depths: Sequence[int], momentum: dict[str, torch.Tensor], beta: float
-                     ) -> dict[str, torch.Tensor]:
-    """InclusiveFL's momentum distillation on the aggregated state (Liu et al., KDD 2022).
+def _depth_of(delta: Mapping[str, torch.Tensor]) -> int:
+    """Depth of the depth-first sub-model a delta comes from: its blocks must be 0..k-1."""
+    blocks = sorted({parsed[0] for key in delta if (parsed := _block_suffix(key))})
+    if blocks != list(range(len(blocks))):
+        raise ValueError(f"InclusiveFL needs depth-first sub-models (blocks 0..k-1); a reply holds {blocks}")
+    return len(blocks)
 
-    For every client depth ``k`` below the deepest one of the round, the top block
-    ``k-1`` of that shallow model receives ``beta`` times a momentum of the mean
-    update of the blocks above it (``k..K-1``) that only the deeper clients trained,
-    tensor by tensor (blocks share shapes). ``momentum`` (key of the top tensor ->
-    running average) is updated in place; the states are not modified.
+
+def momentum_key(depth: int, key: str) -> str:
+    """Key of the momentum entry holding depth ``depth``'s last delta of ``key``."""
+    return f"depth{depth}/{key}"
+
+
+def _distill_top_block(delta: dict[str, torch.Tensor], small: int, large: int,
+                       momentum: Mapping[str, torch.Tensor], mix: float) -> None:
+    """Mix into the top block of depth ``small`` the larger depth's last deltas of the blocks it lacks."""
+    for key in [k for k in delta if "lora_" in k and (_block_suffix(k) or (-1,))[0] == small - 1]:
+        suffix = _block_suffix(key)[1]  # type: ignore[index]
+        past = [momentum.get(momentum_key(large, f"blocks.{b}.{suffix}")) for b in range(small, large)]
+        if any(p is None for p in past):
+            continue  # the larger depth has not reported yet: nothing to distil
+        delta[key] = (1 - mix) * delta[key] + mix * torch.stack(past).mean(dim=0)  # type: ignore[arg-type]
+
+
+def inclusivefl_aggregate(global_state: Mapping[str, torch.Tensor],
+                          deltas: Sequence[Mapping[str, torch.Tensor]],
+                          momentum: dict[str, torch.Tensor], mix: float,
+                          weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """InclusiveFL's aggregation with momentum distillation, as the FedRA reference code's ``agg_inclusiveFL``.
+
+    1. The replies are grouped by depth (the depth-first sub-model's number of blocks);
+       a group's delta is the (weighted) mean of its members' deltas.
+    2. For each pair of adjacent depths ``d < D`` of the round, every LoRA tensor of
+       group ``d``'s top block ``d-1`` becomes ``(1 - mix)`` times its own delta plus
+       ``mix`` times the mean, over the blocks ``d..D-1`` that only the larger model
+       has, of group ``D``'s delta of the same tensor in the last round it took part
+       (the reference: 0.8 and 0.2). The distilled top block of ``D`` itself, if ``D``
+       is not the deepest, is what the next smaller depth reads: so the deep blocks'
+       knowledge flows down depth by depth, and decays over rounds like a momentum.
+    3. Every group's LoRA block deltas (after step 2) become ``momentum`` for the
+       next round, under ``momentum_key(depth, key)``.
+    4. The group deltas are averaged per key over the groups holding it (each depth
+       counts once, as the reference does; with ``weights``, by the group's total
+       weight) and added to the global state.
 
     Parameters
     ----------
-    new_state, old_state : Mapping[str, Tensor]
-        The global state after and before this round's averaging.
-    depths : Sequence[int]
-        Number of (first) blocks each participating client held.
+    global_state : Mapping[str, Tensor]
+        The global state before the round.
+    deltas : Sequence[Mapping[str, Tensor]]
+        One valid reply's delta per client; its blocks must be ``0..k-1``.
     momentum : dict[str, Tensor]
-        Running momentum per top-block tensor, kept by the caller across rounds.
-    beta : float
-        Momentum coefficient in [0, 1); 0 returns ``new_state`` unchanged.
+        The groups' last deltas, kept by the caller across rounds; updated in place.
+    mix : float
+        Share of the larger depth's knowledge in the top block, in [0, 1); 0 gives
+        the plain mean over depth groups.
+    weights : Sequence[float], optional
+        One weight per client; ``None`` counts every client equally.
 
     Returns
     -------
     dict[str, Tensor]
-        The state with the distilled updates added to the shallow models' top blocks.
+        The new global state; the inputs are not modified.
     """
-    out = dict(new_state)
-    if beta <= 0 or not depths:
-        return out
-    deepest = max(depths)
-    by_block: dict[int, dict[str, str]] = {}
-    for key in new_state:
-        parsed = _block_suffix(key)
-        if parsed:
-            by_block.setdefault(parsed[0], {})[parsed[1]] = key
-    for k in sorted(set(d for d in depths if d < deepest)):
-        for suffix, top_key in by_block.get(k - 1, {}).items():
-            upper = [by_block[b][suffix] for b in range(k, deepest) if suffix in by_block.get(b, {})]
-            if not upper:
-                continue
-            update = torch.stack([new_state[u] - old_state[u] for u in upper]).mean(dim=0)
-            momentum[top_key] = beta * momentum.get(top_key, torch.zeros_like(update)) + (1 - beta) * update
-            out[top_key] = out[top_key] + beta * momentum[top_key]
-    return out
+    if weights is not None and len(weights) != len(deltas):
+        raise ValueError(f"got {len(weights)} weights for {len(deltas)} deltas")
+    groups: dict[int, list[int]] = {}
+    for i, delta in enumerate(deltas):
+        groups.setdefault(_depth_of(delta), []).append(i)
+    depths = sorted(groups)
+    group_deltas, group_weights = [], []
+    for depth in depths:
+        members = [deltas[i] for i in groups[depth]]
+        member_weights = [1.0] * len(members) if weights is None else [weights[i] for i in groups[depth]]
+        zeros = {k: torch.zeros_like(v, dtype=torch.float32) for m in members for k, v in m.items()}
+        group_deltas.append(masked_average(zeros, members, member_weights))
+        group_weights.append(sum(member_weights))
+    if mix > 0:
+        for (small, delta), large in zip(zip(depths, group_deltas), depths[1:]):
+            _distill_top_block(delta, small, large, momentum, mix)
+    for depth, delta in zip(depths, group_deltas):
+        momentum.update({momentum_key(depth, k): v.clone() for k, v in delta.items()
+                         if "lora_" in k and _block_suffix(k)})
+    return masked_average(global_state, group_deltas, None if weights is None else group_weights)

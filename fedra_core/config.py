@@ -115,7 +115,12 @@ class StrategyConfig:
     # baselines (fedra_core.baselines): DepthFL's exits and distillation, InclusiveFL's momentum
     depthfl_exit_every: int = 3  # an auxiliary classifier after every this many blocks
     depthfl_distill_weight: float = 1.0  # weight of the mutual self-distillation term
-    inclusivefl_momentum: float = 0.0  # 0: plain per-key mean; > 0: momentum distillation
+    # null: the weight is constant; R: it ramps up as exp(-5 (1 - min(r, R)/R)^2) over rounds r
+    # (DepthFL's code and FedRA's reimplementation, R = their run's rounds)
+    depthfl_distill_ramp_rounds: int | None = None
+    # 0: plain per-key mean; > 0: momentum distillation as the reference code's agg_inclusiveFL,
+    # this share (0.2 there) of the larger depth's last deltas mixed into each smaller depth's top block
+    inclusivefl_momentum: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "strategy.method", self.method, f"one of {METHODS}")
@@ -123,8 +128,10 @@ class StrategyConfig:
                  "an integer >= 1")
         _require(self.depthfl_distill_weight >= 0, "strategy.depthfl_distill_weight",
                  self.depthfl_distill_weight, ">= 0")
+        _require(self.depthfl_distill_ramp_rounds is None or self.depthfl_distill_ramp_rounds >= 1,
+                 "strategy.depthfl_distill_ramp_rounds", self.depthfl_distill_ramp_rounds, "null or >= 1")
         _require(0 <= self.inclusivefl_momentum < 1, "strategy.inclusivefl_momentum",
-                 self.inclusivefl_momentum, "0 <= beta < 1")
+                 self.inclusivefl_momentum, "0 <= share < 1")
         _require(self.weighting in WEIGHTINGS, "strategy.weighting", self.weighting,
                  f"one of {WEIGHTINGS}")
         _require(self.clients_per_round is None or self.clients_per_round >= 1,

@@ -68,7 +68,8 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     num_classes : int
         Size of the label space.
     server_round : int
-        The round, which seeds the data order together with the run's seed.
+        The round, which seeds the data order together with the run's seed and sets
+        DepthFL's distillation weight when it ramps.
 
     Returns
     -------
@@ -88,7 +89,7 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     setup = time.perf_counter() - start
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(generator.initial_seed()))  # LoRA dropout
-        result = train_local(model, loader, cfg, device, loss_fn=baselines.loss_for(experiment))
+        result = train_local(model, loader, cfg, device, loss_fn=baselines.loss_for(experiment, server_round))
     trained = trainable_state(model)
     delta = {k: (trained[k] - received[k].to(device)).cpu() for k in received}
     return LocalRound(delta, result, stats, setup)

@@ -14,7 +14,7 @@ from flwr.supercore import log
 
 from fedra_core.aggregation import InvalidReply, check_delta, masked_average
 from fedra_core.allocation import layers_of
-from fedra_core.baselines import allocation_for, momentum_distill
+from fedra_core.baselines import allocation_for, inclusivefl_aggregate
 from fedra_core.config import Experiment
 from fedra_core.lora import State, slice_state
 from fedra_core.wire import decode, encode
@@ -263,12 +263,11 @@ class FedRA(Strategy):
             log(WARNING, "Round %d: no valid reply; the global state is unchanged", pending.server_round)
             return ArrayRecord(pending.state), None
         use = None if self.cfg.weighting == "uniform" else weights
-        new_state = masked_average(pending.state, deltas, use)
         if self.cfg.method == "inclusivefl" and self.cfg.inclusivefl_momentum > 0:
-            depths = [int(pending.matrix[i].sum()) for i, n in enumerate(pending.nodes)
-                      if outcomes[n.node_id]["status"] == "ok"]
-            new_state = momentum_distill(new_state, pending.state, depths, self.momentum,
-                                         self.cfg.inclusivefl_momentum)
+            new_state = inclusivefl_aggregate(pending.state, deltas, self.momentum,
+                                              self.cfg.inclusivefl_momentum, use)
+        else:
+            new_state = masked_average(pending.state, deltas, use)
         return ArrayRecord(new_state), self._train_metrics(outcomes)
 
     def _check_reply(self, reply: Message, sent: State) -> tuple[dict[str, Any], State | None]:

@@ -1,11 +1,12 @@
 """Baselines: allocations on the Strategy's messages, DepthFL's exits and loss, all-small, InclusiveFL."""
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch.utils.data import TensorDataset
 
 from fedra_core import baselines
@@ -87,16 +88,18 @@ def _data() -> TensorDataset:
     return TensorDataset(torch.randn(16, 3, 16, 16, generator=generator), torch.arange(16) % NUM_CLASSES)
 
 
-def _local_round(method: str, cache: Path, layers: list[int]) -> tuple[dict[str, torch.Tensor], dict]:
-    experiment = _experiment(method, cache, depthfl_exit_every=2)
+def _local_round(method: str, cache: Path, layers: list[int], server_round: int = 1,
+                 **strategy: object) -> tuple[dict[str, torch.Tensor], dict]:
+    experiment = _experiment(method, cache, depthfl_exit_every=2, **strategy)
     prepare = lambda m: baselines.prepare_model(m, experiment, NUM_CLASSES, NUM_LAYERS)  # noqa: E731
     initial = GlobalModel(cache, NUM_CLASSES, experiment.backbone.lora, seed=1, prepare=prepare).initial_state()
-    with torch.no_grad():  # LoRA B starts at zero; non-zero values let every adapter get a gradient
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # LoRA B starts at zero; non-zero
+        torch.manual_seed(0)  # values (the same in every call) let every adapter get a gradient
         initial = {k: (torch.randn_like(v) * 0.1 if "lora_B" in k else v) for k, v in initial.items()}
     node = NodeSettings(0, 1, max(layers) + 1, None, cache, "cpu")
     received = {k: v for k, v in initial.items()
                 if not k.startswith("blocks.") or int(k.split(".")[1]) in layers}
-    local = run_local_round(experiment, node, layers, received, _data(), NUM_CLASSES, server_round=1)
+    local = run_local_round(experiment, node, layers, received, _data(), NUM_CLASSES, server_round)
     return local.delta, initial
 
 
@@ -113,6 +116,26 @@ def test_depthfl_exits_are_global_state_and_change_the_result(tiny_vit_cache: Pa
     assert shared and any(not torch.allclose(depthfl[k], plain[k]) for k in shared)
 
 
+def test_depthfl_distill_weight_ramps_up_over_the_rounds() -> None:
+    ramped = _experiment("depthfl", depthfl_distill_weight=2.0, depthfl_distill_ramp_rounds=100).strategy
+    assert baselines.distill_weight(ramped, 1) == pytest.approx(2.0 * math.exp(-5 * 0.99 ** 2))
+    assert baselines.distill_weight(ramped, 50) == pytest.approx(2.0 * math.exp(-5 * 0.25))
+    assert baselines.distill_weight(ramped, 100) == baselines.distill_weight(ramped, 300) == 2.0
+    assert baselines.distill_weight(_experiment("depthfl").strategy, 1) == 1.0  # no ramp: constant
+
+
+def test_the_server_round_sets_the_clients_distillation_weight(tiny_vit_cache: Path) -> None:
+    layers = [0, 1, 2, 3]
+    constant, _ = _local_round("depthfl", tiny_vit_cache, layers, server_round=1)
+    early, _ = _local_round("depthfl", tiny_vit_cache, layers, server_round=1, depthfl_distill_ramp_rounds=4)
+    late, _ = _local_round("depthfl", tiny_vit_cache, layers, server_round=4, depthfl_distill_ramp_rounds=4)
+    constant_late, _ = _local_round("depthfl", tiny_vit_cache, layers, server_round=4)
+
+    assert any(not torch.allclose(early[k], constant[k]) for k in constant)  # weight exp(-5 * 0.75^2)
+    for key in constant_late:  # from round R on, the ramp's weight is the constant one
+        torch.testing.assert_close(late[key], constant_late[key])
+
+
 def test_depthfl_loss_adds_distillation_to_every_classifier(tiny_vit_cache: Path) -> None:
     experiment = _experiment("depthfl", tiny_vit_cache, depthfl_exit_every=2)
     prepare = lambda m: baselines.prepare_model(m, experiment, NUM_CLASSES, NUM_LAYERS)  # noqa: E731
@@ -127,16 +150,58 @@ def test_depthfl_loss_adds_distillation_to_every_classifier(tiny_vit_cache: Path
     assert model.blocks[1].exit.weight.grad is not None and model.blocks[3].exit.weight.grad.abs().sum() > 0
 
 
-def test_inclusivefl_momentum_reaches_the_top_blocks_of_shallow_models() -> None:
-    old = {f"blocks.{i}.w": torch.zeros(2) for i in range(4)} | {"head.weight": torch.zeros(2)}
-    new = {f"blocks.{i}.w": torch.full((2,), float(i)) for i in range(4)} | {"head.weight": torch.ones(2)}
+def _lora(depth: int, value: float) -> dict[str, torch.Tensor]:
+    """A depth-first delta: blocks 0..depth-1, every entry ``value + block``, and the head."""
+    delta = {f"blocks.{b}.attn.proj.lora_A.weight": torch.full((2,), value + b) for b in range(depth)}
+    return delta | {"head.weight": torch.full((2,), value)}
+
+
+def test_inclusivefl_reference_form_distils_last_rounds_extra_blocks_into_the_top_block() -> None:
+    zeros = {k: torch.zeros(2) for k in _lora(4, 0.0)}
     momentum: dict[str, torch.Tensor] = {}
 
-    out = baselines.momentum_distill(new, old, depths=[4, 2], momentum=momentum, beta=0.5)
+    first = baselines.inclusivefl_aggregate(zeros, [_lora(4, 10.0), _lora(2, 0.0)], momentum, mix=0.2)
+    second = baselines.inclusivefl_aggregate(zeros, [_lora(4, 20.0), _lora(2, 0.0)], momentum, mix=0.2)
 
-    # depth 2's top block 1 gets 0.5 * momentum; momentum = 0.5 * mean update of blocks 2, 3 = 1.25
-    torch.testing.assert_close(out["blocks.1.w"], torch.full((2,), 1.0 + 0.5 * 1.25))
-    for key in ("blocks.0.w", "blocks.2.w", "blocks.3.w", "head.weight"):
-        torch.testing.assert_close(out[key], new[key])
-    assert set(momentum) == {"blocks.1.w"}
-    assert baselines.momentum_distill(new, old, [4, 2], {}, beta=0.0) == new
+    top = "blocks.1.attn.proj.lora_A.weight"
+    # round 1: no earlier delta of depth 4 -> plain mean over the depth groups
+    torch.testing.assert_close(first[top], torch.full((2,), (11.0 + 1.0) / 2))
+    # round 2: depth 2's top delta is 0.8 * 1 + 0.2 * mean(round 1's depth-4 blocks 2, 3 = 12, 13)
+    distilled = 0.8 * 1.0 + 0.2 * 12.5
+    torch.testing.assert_close(second[top], torch.full((2,), (21.0 + distilled) / 2))
+    torch.testing.assert_close(second["blocks.0.attn.proj.lora_A.weight"], torch.full((2,), 10.0))
+    torch.testing.assert_close(second["blocks.3.attn.proj.lora_A.weight"], torch.full((2,), 23.0))
+    torch.testing.assert_close(second["head.weight"], torch.full((2,), 10.0))  # heads are not distilled
+    assert momentum[baselines.momentum_key(2, top)][0].item() == pytest.approx(distilled)
+    assert set(momentum) == {baselines.momentum_key(4, f"blocks.{b}.attn.proj.lora_A.weight") for b in range(4)} \
+        | {baselines.momentum_key(2, f"blocks.{b}.attn.proj.lora_A.weight") for b in range(2)}
+
+
+def test_inclusivefl_averages_within_a_depth_first_then_across_depths() -> None:
+    zeros = {k: torch.zeros(2) for k in _lora(2, 0.0)}
+    out = baselines.inclusivefl_aggregate(zeros, [_lora(2, 0.0), _lora(2, 4.0), _lora(1, 8.0)], {}, mix=0.2)
+    # block 0: depth 2's mean (0 + 4) / 2 = 2 and depth 1's 8 count once each -> 5, not 12 / 3
+    torch.testing.assert_close(out["blocks.0.attn.proj.lora_A.weight"], torch.full((2,), 5.0))
+    with pytest.raises(ValueError, match="depth-first"):
+        baselines.inclusivefl_aggregate(zeros, [{"blocks.1.attn.proj.lora_A.weight": torch.ones(2)}], {}, mix=0.2)
+
+
+def test_strategy_keeps_inclusivefl_momentum_across_rounds() -> None:
+    experiment = _experiment("inclusivefl", inclusivefl_momentum=0.2)
+    strategy = FedRA(experiment, NUM_LAYERS, np.random.default_rng(0))
+    ids = [100 + i for i in range(len(CAPACITIES))]
+    strategy.nodes = {n: NodeInfo(n, i, CAPACITIES[i], f"d{i}", 10) for i, n in enumerate(ids)}
+    state = ArrayRecord(_global_state())
+    for server_round in (1, 2):
+        messages = list(strategy.configure_train(server_round, state, ConfigRecord(), StaticGrid(ids)))
+        replies = [Message(RecordDict({"arrays": ArrayRecord({k: torch.ones_like(v) * (1 + i) for k, v in
+                                                              m.content["arrays"].to_torch_state_dict().items()}),
+                                       "metrics": MetricRecord({"num-examples": 8})}), reply_to=m)
+                   for i, m in enumerate(messages)]
+        expected = baselines.inclusivefl_aggregate(state.to_torch_state_dict(),
+                                                   [r.content["arrays"].to_torch_state_dict() for r in replies],
+                                                   {k: v.clone() for k, v in strategy.momentum.items()}, 0.2)
+        state, _ = strategy.aggregate_train(server_round, replies)
+        for key, value in state.to_torch_state_dict().items():
+            torch.testing.assert_close(value, expected[key])
+    assert baselines.momentum_key(4, "blocks.3.attn.proj.lora_A.weight") in strategy.momentum

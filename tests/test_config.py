@@ -85,3 +85,22 @@ def test_bad_node_config(node_config: dict, message: str) -> None:
     experiment = experiment_from_dict({"clients": {"capacities": [12, 3]}})
     with pytest.raises(ConfigError, match=message):
         resolve_node(experiment, node_config)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"strategy": {"depthfl_distill_ramp_rounds": 0}}, "strategy.depthfl_distill_ramp_rounds"),
+        ({"strategy": {"inclusivefl_momentum": 1.0}}, "strategy.inclusivefl_momentum"),
+    ],
+)
+def test_bad_baseline_settings_name_the_key(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        experiment_from_dict(values)
+
+
+def test_paper_and_bench_configs_ramp_depthfl_over_their_rounds() -> None:
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.name.startswith(("domainnet-", "nicopp-", "bench-")) and not path.stem.endswith("-sd"):
+            experiment = load_experiment(path)
+            assert experiment.strategy.depthfl_distill_ramp_rounds == experiment.training.rounds, path
