@@ -24,7 +24,7 @@ from torch import nn
 from fedra_core.aggregation import masked_average
 from fedra_core.allocation import allocate
 from fedra_core.config import Experiment, StrategyConfig
-from fedra_core.training import LossFn, cross_entropy_loss
+from fedra_core.training import ClassifiersFn, LossFn, cross_entropy_loss
 
 DEPTH_FIRST = ("first", "inclusivefl", "depthfl")
 EXIT_NAME = "exit"  # DepthFL's classifier after block i is ``blocks.<i>.exit``: a global name
@@ -138,6 +138,17 @@ def depthfl_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       for k in range(len(outputs)) for j in range(len(outputs)) if j != k)
         loss = loss + distill_weight * distill / (len(outputs) - 1)
     return logits, loss
+
+
+def classifier_logits(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of every classifier of a DepthFL model: its exits, shallowest first, then the head."""
+    logits, exits = _exit_logits(model, images)
+    return [*exits, logits]
+
+
+def classifiers_for(experiment: Experiment) -> ClassifiersFn | None:
+    """How to read all of a method's classifiers for scoring their ensemble: DepthFL's, else None."""
+    return classifier_logits if experiment.strategy.method == "depthfl" else None
 
 
 def prepare_model(model: nn.Module, experiment: Experiment, num_classes: int, num_layers: int) -> nn.Module:

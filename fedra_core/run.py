@@ -83,7 +83,8 @@ class ServerRun:
                                  device=device, seed=experiment.seed,
                                  layers=baselines.global_layers(experiment, self.meta.num_layers),
                                  prepare=lambda m: baselines.prepare_model(m, experiment, self.num_classes,
-                                                                           self.meta.num_layers))
+                                                                           self.meta.num_layers),
+                                 classifiers=baselines.classifiers_for(experiment))
         self.start_round = 0
         self.rng = np.random.default_rng(experiment.seed)
         self.state = self.model.initial_state()
@@ -126,6 +127,7 @@ class ServerRun:
             "accuracy": accuracy,
             "mean_accuracy": float(np.mean(list(accuracy.values()))),
             "loss": {name: r["loss"] for name, r in results.items()},
+            **ensemble_record(results),
             "eval_seconds": time.perf_counter() - eval_start,
             "round_seconds": time.perf_counter() - self._round_started,
             "elapsed_seconds": time.perf_counter() - self.started,
@@ -162,7 +164,18 @@ def results_table(records: list[dict[str, Any]]) -> str:
         label = "untuned (round 0)" if record["round"] == 0 else f"round {record['round']}"
         cells = " | ".join(f"{100 * record['accuracy'][d]:.1f}" for d in domains)
         lines.append(f"| {label} | {cells} | **{100 * record['mean_accuracy']:.1f}** |")
+        if record.get("ensemble_accuracy"):
+            cells = " | ".join(f"{100 * record['ensemble_accuracy'][d]:.1f}" for d in domains)
+            lines.append(f"| {label}, ensemble | {cells} | **{100 * record['mean_ensemble_accuracy']:.1f}** |")
     return "\n".join(lines)
+
+
+def ensemble_record(results: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """``ensemble_accuracy`` per domain and its mean, for a method scored by several classifiers."""
+    ensemble = {name: r["ensemble_accuracy"] for name, r in results.items() if "ensemble_accuracy" in r}
+    if not ensemble:
+        return {}
+    return {"ensemble_accuracy": ensemble, "mean_ensemble_accuracy": float(np.mean(list(ensemble.values())))}
 
 
 def describe_state(state: State) -> str:

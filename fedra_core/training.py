@@ -130,17 +130,42 @@ def train_local(
     return TrainResult(seen, steps, mean_loss, float(correct) / max(seen, 1), seconds)
 
 
+# (model, images) -> logits of each of the model's classifiers, the head last (DepthFL's exits)
+ClassifiersFn = Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss and accuracy of a model on one test set."""
+
+    loss: float
+    accuracy: float  # of the model's own output (its deepest classifier)
+    num_examples: int
+    ensemble_accuracy: float | None = None  # of the mean logits of all its classifiers, when asked
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32"
-             ) -> tuple[float, float, int]:
-    """Mean loss, accuracy and number of examples of ``model`` on ``loader``."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
+             classifiers: ClassifiersFn | None = None) -> EvalResult:
+    """Mean loss and accuracy of ``model`` on ``loader``, in one pass.
+
+    With ``classifiers`` (a model with several classifiers, DepthFL's), the accuracy
+    is the last (deepest) classifier's, as FedRA's comparison scores DepthFL, and
+    ``ensemble_accuracy`` that of the mean of every classifier's logits, as DepthFL's
+    paper does.
+    """
     model.eval()
-    seen, correct, loss_sum = 0, 0, 0.0
+    seen, correct, ensemble_correct, loss_sum = 0, 0, 0, 0.0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with autocast(device, precision):
-            logits = model(images)
-        loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+            outputs = classifiers(model, images) if classifiers else [model(images)]  # each (B, C)
+        logits = outputs[-1].float()
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == labels).sum())
+        ensemble = torch.stack([o.float() for o in outputs]).mean(dim=0)  # (B, C)
+        ensemble_correct += int((ensemble.argmax(dim=1) == labels).sum())
         seen += labels.numel()
-    return loss_sum / max(seen, 1), correct / max(seen, 1), seen
+    count = max(seen, 1)
+    return EvalResult(loss_sum / count, correct / count, seen,
+                      ensemble_correct / count if classifiers else None)

@@ -205,3 +205,33 @@ def test_strategy_keeps_inclusivefl_momentum_across_rounds() -> None:
         for key, value in state.to_torch_state_dict().items():
             torch.testing.assert_close(value, expected[key])
     assert baselines.momentum_key(4, "blocks.3.attn.proj.lora_A.weight") in strategy.momentum
+
+
+def test_depthfl_is_scored_by_its_deepest_classifier_and_by_the_ensemble(tiny_vit_cache: Path) -> None:
+    experiment = _experiment("depthfl", tiny_vit_cache, depthfl_exit_every=2)
+    prepare = lambda m: baselines.prepare_model(m, experiment, NUM_CLASSES, NUM_LAYERS)  # noqa: E731
+    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, experiment.backbone.lora, prepare=prepare,
+                        classifiers=baselines.classifiers_for(experiment))
+    state = {k: torch.randn_like(v) for k, v in model.initial_state().items()}  # exits that disagree
+
+    result = model.evaluate(state, {"toy": _data()}, batch_size=5)["toy"]
+
+    images, labels = _data().tensors
+    with torch.no_grad():
+        outputs = baselines.classifier_logits(model.model, images)
+    assert len(outputs) == 3  # exits after blocks 1 and 3, then the head
+    deepest = (outputs[-1].argmax(dim=1) == labels).float().mean().item()
+    ensemble = (torch.stack(outputs).mean(dim=0).argmax(dim=1) == labels).float().mean().item()
+    assert result["accuracy"] == pytest.approx(deepest) and result["ensemble_accuracy"] == pytest.approx(ensemble)
+    assert baselines.classifiers_for(_experiment("inclusivefl")) is None
+
+
+def test_round_records_and_results_table_carry_the_ensemble() -> None:
+    from fedra_core.run import ensemble_record, results_table
+
+    results = {"a": {"accuracy": 0.5, "ensemble_accuracy": 0.6}, "b": {"accuracy": 0.3, "ensemble_accuracy": 0.4}}
+    extra = ensemble_record(results)
+    assert extra == {"ensemble_accuracy": {"a": 0.6, "b": 0.4}, "mean_ensemble_accuracy": pytest.approx(0.5)}
+    assert ensemble_record({"a": {"accuracy": 0.5}}) == {}
+    record = {"round": 3, "accuracy": {"a": 0.5, "b": 0.3}, "mean_accuracy": 0.4, **extra}
+    assert "| round 3, ensemble | 60.0 | 40.0 | **50.0** |" in results_table([record]).splitlines()
