@@ -25,7 +25,7 @@ class GlobalModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # LoRA A and the head start from the run's seed
             model, _ = assemble(cache_dir, layers, num_classes, "cpu")  # layers: all-small's shallow model
-            model = attach_lora(model, lora)
+            model = attach_lora(model, lora, head_seed=seed)  # a frozen head: the clients' draw
             model = prepare(model) if prepare else model  # a baseline's extra state (DepthFL's exits)
             self.model = model.to(self.device)
         self._initial = trainable_state(self.model)

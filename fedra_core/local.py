@@ -42,7 +42,7 @@ def build_submodel(experiment: Experiment, node: NodeSettings, layers: list[int]
     """Sub-model of ``layers`` from the node's cache, adapted, with the received state loaded."""
     device = resolve_device(node.device)
     model, stats = assemble(node.backbone_cache, layers, num_classes, device)
-    model = attach_lora(model, experiment.backbone.lora).to(device)
+    model = attach_lora(model, experiment.backbone.lora, head_seed=experiment.seed).to(device)
     model = baselines.prepare_model(model, experiment, num_classes, read_meta(node.backbone_cache).num_layers)
     load_trainable_state(model, {k: v.to(device) for k, v in received.items()})
     return model, stats

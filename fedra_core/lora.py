@@ -31,15 +31,20 @@ class StateMismatchError(ValueError):
     """A received state does not fit the model: names or shapes differ."""
 
 
-def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Freeze ``model``, add LoRA adapters to the target modules, unfreeze the head.
+def attach_lora(model: nn.Module, settings: LoraSettings, *, head_seed: int) -> nn.Module:
+    """Freeze ``model``, add LoRA adapters to the target modules, unfreeze or fix the head.
 
     Parameters
     ----------
     model : nn.Module
         An assembled (sub-)model.
     settings : LoraSettings
-        Rank, alpha, dropout and target modules (suffixes such as ``attn.proj``).
+        Rank, alpha, dropout, target modules (suffixes such as ``attn.proj``) and
+        whether the head trains.
+    head_seed : int
+        The run's seed. A head that does not train (``train_head: false``) is never
+        sent, so the server and every client draw it from this seed alone and hold
+        the same one; a trained head is part of the sent state and keeps its draw.
 
     Returns
     -------
@@ -57,7 +62,29 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     if settings.train_head:
         for param in model.get_classifier().parameters():
             param.requires_grad_(True)
+    else:
+        draw_head(model.get_classifier(), head_seed)
     return model
+
+
+@torch.no_grad()
+def draw_head(head: nn.Module, seed: int) -> None:
+    """Re-draw a linear classifier from ``seed`` alone, on the CPU, as ``nn.Linear`` initializes.
+
+    The same seed gives the same head on every node and device, whatever the
+    node's random state or the blocks it holds.
+    """
+    params = dict(head.named_parameters())
+    if not params:
+        return  # no classifier (num_classes 0)
+    weight = params.get("weight")
+    if weight is None or weight.dim() != 2 or set(params) - {"weight", "bias"}:
+        raise ValueError(f"a frozen head must be a linear layer to be drawn from the seed, got {head}")
+    bound = 1.0 / weight.shape[1] ** 0.5  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    generator = torch.Generator().manual_seed(seed)
+    for param in params.values():
+        draw = torch.rand(param.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+        param.copy_(draw.to(param.dtype))
 
 
 def _head_keys(model: nn.Module) -> set[str]:

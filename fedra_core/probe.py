@@ -70,7 +70,7 @@ def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed
     rows = []
     for label, layers in sub_models(meta.num_layers, depths, draws, seed):
         model = GlobalModel(experiment.backbone.cache_path, num_classes, experiment.backbone.lora,
-                            layers=layers, prepare=prepare)
+                            seed=experiment.seed, layers=layers, prepare=prepare)
         results = model.evaluate(slice_state(state, layers), sets, experiment.training.eval_batch_size)
         rows.append(ProbeRow(label, tuple(layers), {d: 100 * r["accuracy"] for d, r in results.items()}))
     return rows

@@ -16,7 +16,7 @@ def _adapted(cache: Path, layers: list[int] | None, seed: int = 0) -> torch.nn.M
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, _ = assemble(cache, layers, num_classes=5)
-        return attach_lora(model, LORA)
+        return attach_lora(model, LORA, head_seed=seed)
 
 
 def test_trainable_state_uses_global_names(tiny_vit_cache: Path) -> None:

@@ -8,7 +8,7 @@ from torch.utils.data import TensorDataset
 
 from fedra_core.config import LoraSettings, TrainingConfig, experiment_from_dict, resolve_node
 from fedra_core.evaluation import GlobalModel
-from fedra_core.local import resolve_device, run_local_round
+from fedra_core.local import build_submodel, resolve_device, run_local_round
 from fedra_core.lora import slice_state
 
 
@@ -80,3 +80,26 @@ def test_training_config_rejects_bad_device() -> None:
     with pytest.raises(ValueError, match="training.device"):
         TrainingConfig(device="gpu0")
     assert LoraSettings().target_modules == ("attn.proj", "mlp.fc2")
+
+
+def test_a_frozen_head_is_the_same_on_the_server_and_every_client(tiny_vit_cache: Path) -> None:
+    values = {"backbone": {"cache": str(tiny_vit_cache),
+                           "lora": {"rank": 4, "alpha": 4, "dropout": 0.0, "train_head": False}},
+              "clients": {"capacities": [6, 2]}, "seed": 7,
+              "training": {"local_steps": 3, "batch_size": 16, "optimizer": "adamw", "lr": 0.01}}
+    experiment = experiment_from_dict(values)
+    server = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora, seed=7)
+    state = server.initial_state()
+    node = resolve_node(experiment, {"partition-id": 1})
+    torch.manual_seed(123)  # a client's own random state must not matter
+
+    client, _ = build_submodel(experiment, node, [2, 5], 4, slice_state(state, [2, 5]))
+    local = run_local_round(experiment, node, [2, 5], slice_state(state, [2, 5]), _toy_data(), 4, server_round=1)
+
+    assert not any(k.startswith("head.") for k in state)  # frozen: never sent
+    assert not any(p.requires_grad for p in client.get_classifier().parameters())
+    for name, value in server.model.get_classifier().state_dict().items():
+        torch.testing.assert_close(client.get_classifier().state_dict()[name], value)
+    other = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora, seed=8).model.get_classifier()
+    assert not torch.equal(other.weight, server.model.get_classifier().weight)  # drawn from the run's seed
+    assert local.delta["blocks.5.mlp.fc2.lora_B.weight"].abs().sum() > 0  # adapters train against it
