@@ -30,9 +30,9 @@ def analyse(records: list[dict], slots: int) -> list[list[str]]:
     ok = [[c for c in r["clients"] if c["status"] == "ok"] for r in trained]
     wall = np.array([r["train_wall_seconds"] + r["eval_seconds"] for r in trained])
     evaluation = np.array([r["eval_seconds"] for r in trained])
-    slowest = np.array([max(c["total_seconds"] for c in cs) for cs in ok])
-    summed = np.array([sum(c["total_seconds"] for c in cs) for cs in ok])
-    setup = np.mean([c["setup_seconds"] for cs in ok for c in cs])
+    slowest = np.array([max(c["metrics"]["total_seconds"] for c in cs) for cs in ok])
+    summed = np.array([sum(c["metrics"]["total_seconds"] for c in cs) for cs in ok])
+    setup = np.mean([c["metrics"]["setup_seconds"] for cs in ok for c in cs])
     floor = np.maximum(slowest, summed / slots) + evaluation
     return [
         ["rounds measured", f"{len(trained)}", ""],

@@ -18,7 +18,8 @@ from common import machine, table
 from aggregation import global_state  # noqa: E402  (same ViT-B/16 adapter state)
 from fedra_core.config import Experiment
 from fedra_core.lora import slice_state
-from server_app.strategy import serialized_bytes, to_record
+from server_app.replies import serialized_bytes
+from server_app.strategy import to_record
 
 
 def message_bytes(state: dict[str, torch.Tensor], layers: list[int], wire_dtype: str) -> tuple[int, int, int]:

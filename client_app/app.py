@@ -8,8 +8,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedra_core.backbone import CacheMeta, read_meta
-from fedra_core.config import Experiment, NodeSettings, experiment_from_dict, resolve_node
+from fedra_core.config import Experiment, NodeSettings, TaskRefused, experiment_from_dict, resolve_node
 from fedra_core.datasets import ClientData, client_data
+from fedra_core.task import check_layers, check_received, max_task_blocks
 from fedra_core.wire import decode, encode
 
 app = ClientApp()
@@ -45,12 +46,17 @@ def train(message: Message, context: Context) -> Message:
     start = time.perf_counter()
     from fedra_core.local import run_local_round  # torch models and peft: only needed to train
 
-    experiment, node, _, data = _setup(message, context)
+    experiment, node, meta, data = _setup(message, context)
     config = message.content["config"]
-    layers = [int(i) for i in config["layers"]]
-    received = decode({k: a.numpy() for k, a in message.content["arrays"].items()})
-    local = run_local_round(experiment, node, layers, received, data.train, data.num_classes,
-                            int(config["server-round"]))
+    layers = check_layers(config.get("layers"), meta.num_layers, max_task_blocks(experiment, node, meta.num_layers))
+    wire_dtype = str(config.get("wire-dtype", "float32"))
+    arrays = message.content["arrays"]
+    check_received({k: (a.dtype, a.shape, len(a.data)) for k, a in arrays.items()}, layers, wire_dtype)
+    server_round = config.get("server-round")
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
+        raise TaskRefused(f"the task's server-round {server_round!r} is not a round number")
+    received = decode({k: a.numpy() for k, a in arrays.items()})
+    local = run_local_round(experiment, node, layers, received, data.train, data.num_classes, server_round)
     metrics = MetricRecord({
         "num-examples": local.result.num_examples,
         "train-loss": local.result.loss,
@@ -62,5 +68,5 @@ def train(message: Message, context: Context) -> Message:
         "bytes-read": local.assembly.bytes_read,
         "steps": local.result.steps,
     })
-    wire = {k: Array(v) for k, v in encode(local.delta, str(config.get("wire-dtype", "float32"))).items()}
+    wire = {k: Array(v) for k, v in encode(local.delta, wire_dtype).items()}
     return Message(RecordDict({"arrays": ArrayRecord(wire), "metrics": metrics}), reply_to=message)

@@ -79,3 +79,35 @@ def check_delta(delta: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tens
             raise InvalidReply(f"{key}: dtype {value.dtype} is not floating point")
         if not bool(torch.isfinite(value).all()):
             raise InvalidReply(f"{key}: contains NaN or infinite values")
+
+
+def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """True when no tensor of ``state`` holds NaN or an infinity."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def clip_delta(delta: Mapping[str, torch.Tensor], max_norm: float | None) -> tuple[State, float]:
+    """Scale a client's whole delta down to L2 norm ``max_norm`` (all its tensors together).
+
+    Clipping bounds how far one client can move the global state in one round, so a
+    poisoned or diverged update cannot blow it up; it does not stop a client from
+    steering the state within that bound, round after round.
+
+    Parameters
+    ----------
+    delta : Mapping[str, Tensor]
+        One client's delta, keyed by global names.
+    max_norm : float or None
+        The largest norm kept; ``None`` returns the delta unchanged.
+
+    Returns
+    -------
+    tuple[dict[str, Tensor], float]
+        The (possibly scaled) delta and its norm before clipping.
+    """
+    squares = sum((v.double() ** 2).sum() for v in delta.values())
+    norm = float(torch.as_tensor(squares).sqrt())
+    if max_norm is None or norm <= max_norm:
+        return dict(delta), norm
+    scale = max_norm / norm
+    return {k: v * scale for k, v in delta.items()}, norm

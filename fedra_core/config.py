@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,7 +16,7 @@ METHODS = ("fedra", "fedra-cover", "first", "all-large", "all-small", "inclusive
 WEIGHTINGS = ("uniform", "num-examples")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
-BUILTIN_BACKBONES = ("digits-vit",)
+BUILTIN_BACKBONES = ("digits-vit", "digits-vit-sd")
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,9 @@ class DataConfig:
         _require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "in (0, 1)")
         _require(self.dataset == "builtin-digits" or self.root is not None, "data.root",
                  self.root, f"a folder path for dataset {self.dataset!r}")
+        for domain in self.domains or ():
+            _require(is_plain_name(domain), "data.domains", domain,
+                     "plain folder names (no path separator, no '.' or '..')")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class StrategyConfig:
     min_clients: int = 1
     reply_timeout: float = 3600.0
     wire_dtype: str = "float32"  # "bfloat16" halves the bytes of every message
+    clip_delta_norm: float | None = None  # scale each client's delta down to this L2 norm
     # baselines (fedra_core.baselines): DepthFL's exits and distillation, InclusiveFL's momentum
     depthfl_exit_every: int = 3  # an auxiliary classifier after every this many blocks
     depthfl_distill_weight: float = 1.0  # weight of the mutual self-distillation term
@@ -140,6 +145,8 @@ class StrategyConfig:
         _require(self.reply_timeout > 0, "strategy.reply_timeout", self.reply_timeout, "> 0")
         _require(self.wire_dtype in ("float32", "bfloat16"), "strategy.wire_dtype", self.wire_dtype,
                  "'float32' or 'bfloat16'")
+        _require(self.clip_delta_norm is None or self.clip_delta_norm > 0, "strategy.clip_delta_norm",
+                 self.clip_delta_norm, "null or a number > 0")
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,12 @@ class Experiment:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def is_plain_name(name: Any) -> bool:
+    """True for a non-empty name that stays inside its folder: no separator, not ``.`` or ``..``."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name and name == name.strip())
 
 
 def is_device_name(device: str) -> bool:
@@ -304,6 +317,44 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
+class NodeLimits:
+    """What a node accepts from a server's task; its own node-config can lower or raise them.
+
+    A server (or whoever can submit a run) chooses the experiment; these limits keep it
+    from exhausting the device. A task beyond them is refused with the reason.
+    """
+
+    max_lora_rank: int = 64
+    max_batch_size: int = 1024
+    max_eval_batch_size: int = 4096
+    max_local_steps: int = 10_000
+    max_local_epochs: int = 100
+    max_classes: int = 100_000
+    max_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def check(self, experiment: "Experiment") -> None:
+        """Raise ``TaskRefused`` naming the first setting of ``experiment`` beyond a limit."""
+        training, data = experiment.training, experiment.data
+        asked = [
+            ("backbone.lora.rank", experiment.backbone.lora.rank, self.max_lora_rank, "max-lora-rank"),
+            ("training.batch_size", training.batch_size, self.max_batch_size, "max-batch-size"),
+            ("training.eval_batch_size", training.eval_batch_size, self.max_eval_batch_size,
+             "max-eval-batch-size"),
+            ("training.local_steps", training.local_steps or 0, self.max_local_steps, "max-local-steps"),
+            ("training.local_epochs", training.local_epochs, self.max_local_epochs, "max-local-epochs"),
+            ("data.num_classes", data.num_classes or 0, self.max_classes, "max-classes"),
+            ("training.num_threads", training.num_threads or 0, self.max_threads, "max-threads"),
+        ]
+        for key, value, limit, node_key in asked:
+            if value > limit:
+                raise TaskRefused(f"the task asks {key} = {value}, beyond this node's limit {node_key}={limit}")
+
+
+class TaskRefused(ValueError):
+    """A server's task exceeds what this node accepts (its limits or its own capacity)."""
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     """What belongs to one client device: from its node-config, else the experiment."""
 
@@ -313,10 +364,18 @@ class NodeSettings:
     data_root: str | None
     backbone_cache: Path
     device: str
+    # max-layers or memory-budget-mb given by the node itself: no method may exceed it
+    # (the experiment's per-partition capacity only stands in for a node in simulation).
+    own_max_layers: int | None = None
+    limits: NodeLimits = field(default_factory=NodeLimits)
 
 
+LIMIT_KEYS = {"max-lora-rank": "max_lora_rank", "max-batch-size": "max_batch_size",
+              "max-eval-batch-size": "max_eval_batch_size",
+              "max-local-steps": "max_local_steps", "max-local-epochs": "max_local_epochs",
+              "max-classes": "max_classes", "max-threads": "max_threads"}
 NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "max-layers", "data-root",
-                    "backbone-cache", "device", "memory-budget-mb")
+                    "backbone-cache", "device", "memory-budget-mb", *LIMIT_KEYS)
 
 
 def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -331,12 +390,15 @@ def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> Node
         ``num-partitions``; a deployed SuperNode may add ``max-layers``,
         ``memory-budget-mb`` (``max-layers`` is then derived from the backbone's
         per-block size, or capped by it when both are given), ``data-root``,
-        ``backbone-cache`` and ``device``.
+        ``backbone-cache``, ``device`` and the limits of ``NodeLimits``
+        (``max-lora-rank``, ``max-batch-size``, ``max-local-steps``,
+        ``max-local-epochs``, ``max-classes``, ``max-threads``).
 
     Returns
     -------
     NodeSettings
-        This node's settings; raises ``ConfigError`` naming a bad key.
+        This node's settings; raises ``ConfigError`` naming a bad key, and
+        ``TaskRefused`` when the experiment exceeds the node's limits.
     """
     unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
     if unknown:
@@ -349,23 +411,30 @@ def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> Node
     if not 0 <= pid < experiment.num_clients:
         raise ConfigError(f"node-config: partition-id {pid} is outside 0..{experiment.num_clients - 1}"
                           f" (the experiment has {experiment.num_clients} clients)")
+    # The node's own paths always win: a server's experiment never chooses where a node reads.
     cache = node_config.get("backbone-cache", experiment.backbone.cache)
+    own: int | None = None
     if "max-layers" in node_config:
-        max_layers = _int_key(node_config, "max-layers")
-    elif "memory-budget-mb" not in node_config:
-        max_layers = experiment.clients.capacities[pid]
+        own = _int_key(node_config, "max-layers")
+        if own < 1:
+            raise ConfigError(f"node-config: max-layers={own} is not a positive integer")
     if "memory-budget-mb" in node_config:
         fits = _layers_for_budget(node_config["memory-budget-mb"], Path(str(cache)).expanduser())
-        max_layers = min(max_layers, fits) if "max-layers" in node_config else fits
+        own = min(own, fits) if own is not None else fits
     device = str(node_config.get("device", experiment.training.device))
     _require(is_device_name(device), "node-config device", device, "'cpu', 'cuda' or 'cuda:N'")
+    limits = NodeLimits(**{attr: _int_key(node_config, key) for key, attr in LIMIT_KEYS.items()
+                           if key in node_config})
+    limits.check(experiment)
     return NodeSettings(
         partition_id=pid,
         num_partitions=num,
-        max_layers=max_layers,
+        max_layers=own if own is not None else experiment.clients.capacities[pid],
         data_root=node_config.get("data-root", experiment.data.root),
         backbone_cache=Path(str(cache)).expanduser(),
         device=device,
+        own_max_layers=own,
+        limits=limits,
     )
 
 

@@ -42,6 +42,11 @@ def run_dir_of(run_config: dict[str, Any], experiment: Experiment, resume: bool)
     return base / name if resume else unique_run_dir(base, name)
 
 
+def is_simulation(grid: Grid) -> bool:
+    """Whether the nodes are Flower's simulated SuperNodes (its simulation engine's in-memory grid)."""
+    return type(grid).__name__ == "InMemoryGrid"
+
+
 def _show_core_logs() -> None:
     """Send fedra_core's progress messages (backbone pretraining, resume) to Flower's log."""
     core = logging.getLogger("fedra_core")
@@ -63,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Backbone %s: %d blocks; global trainable state: %s", run.meta.timm_name, run.num_layers,
         describe_state(run.state))
     strategy = FedRA(experiment, run.num_layers, run.rng, round_offset=run.start_round,
-                     backbone_source=run.meta.source)
+                     backbone_source=run.meta.source, simulation=is_simulation(grid))
     strategy.discover(grid, wait_for=experiment.num_clients)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

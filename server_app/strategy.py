@@ -12,14 +12,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedra_core.aggregation import InvalidReply, check_delta, masked_average
+from fedra_core.aggregation import InvalidReply, clip_delta, is_finite_state, masked_average
 from fedra_core.allocation import layers_of
 from fedra_core.baselines import allocation_for, inclusivefl_aggregate
 from fedra_core.config import Experiment
 from fedra_core.lora import State, slice_state
-from fedra_core.wire import decode, encode
+from fedra_core.wire import encode
+from server_app.replies import read_capacity, read_train_reply, serialized_bytes
 
 QUERY_TIMEOUT = 120.0
+QUERY_BACKOFF = (60.0, 3600.0)  # a silent node is asked again after 60 s, doubling up to an hour
 
 
 class FederationTooSmall(RuntimeError):
@@ -66,32 +68,6 @@ def to_record(state: State, wire_dtype: str) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in encode(state, wire_dtype).items()})
 
 
-def serialized_bytes(record: ArrayRecord) -> int:
-    """Bytes of the record as Flower serializes it: the record and every array (chunk) in it."""
-
-    def size(obj: object) -> int:
-        children = getattr(obj, "children", None) or {}
-        return len(obj.deflate()) + sum(size(child) for child in children.values())  # type: ignore[attr-defined]
-
-    return size(record)
-
-
-def unpack_delta(reply: Message) -> tuple[State, dict[str, float]]:
-    """The delta and metrics of a train reply; ``InvalidReply`` when they are absent or bad."""
-    content = reply.content
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-        raise InvalidReply("reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord")
-    metrics = dict(content.metric_records["metrics"])
-    examples = metrics.get("num-examples")
-    if not isinstance(examples, (int, float)) or examples <= 0:
-        raise InvalidReply(f"num-examples must be positive, got {examples!r}")
-    try:
-        delta = decode({k: a.numpy() for k, a in content.array_records["arrays"].items()})
-    except (TypeError, ValueError) as err:
-        raise InvalidReply(f"arrays cannot be read as tensors: {err}") from err
-    return delta, metrics
-
-
 class FedRA(Strategy):
     """FedRA (Su et al., ECCV 2024) for heterogeneous clients, on Flower's Message API.
 
@@ -113,18 +89,24 @@ class FedRA(Strategy):
     backbone_source : str
         The ``source`` of the server's backbone cache; a node whose cache records
         another one (other weights) is excluded with the reason.
+    simulation : bool
+        Whether the nodes are Flower's simulated SuperNodes, whose ``num-partitions``
+        is the federation's true size; a deployed node's claim is never trusted to
+        stop the run.
     """
 
     def __init__(self, experiment: Experiment, num_layers: int, rng: np.random.Generator,
-                 round_offset: int = 0, backbone_source: str = "") -> None:
+                 round_offset: int = 0, backbone_source: str = "", simulation: bool = False) -> None:
         self.experiment = experiment
         self.backbone_source = backbone_source
+        self.simulation = simulation
         self.cfg = experiment.strategy
         self.num_layers = num_layers
         self.rng = rng
         self.round_offset = round_offset
         self.nodes: dict[int, NodeInfo] = {}
         self.excluded: dict[int, str] = {}
+        self.silent: dict[int, tuple[int, float]] = {}  # node -> (unanswered queries, next try)
         self.pending: PendingRound | None = None
         self.last_record: dict[str, Any] = {}
         self.momentum: State = {}  # InclusiveFL's momentum distillation, across rounds
@@ -142,60 +124,66 @@ class FedRA(Strategy):
 
     # ---------------------------------------------------------------- nodes
     def discover(self, grid: Grid, wait_for: int = 0, wait_timeout: float = 300.0) -> None:
-        """Ask every node not yet known for its capacity; wait for ``wait_for`` valid nodes."""
+        """Ask every node not yet known for its capacity; wait for ``wait_for`` valid nodes.
+
+        A node that did not answer is asked again only after a back-off that doubles
+        with every unanswered query, so a silent node does not stall every round.
+        """
         deadline = time.monotonic() + wait_timeout
         while True:
-            fresh = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.excluded]
+            now = time.monotonic()
+            fresh = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.excluded
+                     and self.silent.get(n, (0, 0.0))[1] <= now]
             if fresh:
-                self._query(grid, fresh)
+                self._query(grid, fresh, first=wait_for > 0)
             if len(self.nodes) >= wait_for or time.monotonic() > deadline:
                 return
             log(INFO, "Waiting for clients: %d of %d have declared their capacity", len(self.nodes), wait_for)
             time.sleep(1.0)
 
-    def _query(self, grid: Grid, node_ids: list[int]) -> None:
+    def _query(self, grid: Grid, node_ids: list[int], first: bool = False) -> None:
         content = RecordDict({"config": ConfigRecord({"experiment": self._experiment_json})})
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
         replies = grid.send_and_receive(messages, timeout=min(QUERY_TIMEOUT, self.cfg.reply_timeout))
+        answered = set()
         for reply in replies:
             node_id = node_of_reply(reply, messages)
+            if node_id not in node_ids or node_id in answered:
+                continue
+            answered.add(node_id)
+            self.silent.pop(node_id, None)
             try:
-                self.nodes[node_id] = self._node_info(node_id, reply)
+                self.nodes[node_id] = self._node_info(node_id, reply, first)
                 info = self.nodes[node_id]
                 log(INFO, "Client %d: partition %d (%s), holds up to %d blocks, %d examples",
                     node_id, info.partition_id, info.domain, info.max_layers, info.num_examples)
             except InvalidReply as err:
                 self.excluded[node_id] = err.reason
                 log(WARNING, "Client %d excluded: %s", node_id, err.reason)
+        for node_id in set(node_ids) - answered:
+            tries = self.silent.get(node_id, (0, 0.0))[0] + 1
+            wait = min(QUERY_BACKOFF[0] * 2 ** (tries - 1), QUERY_BACKOFF[1])
+            self.silent[node_id] = (tries, time.monotonic() + wait)
+            log(WARNING, "Client %d did not answer the capacity query (%d times); asking again in %.0f s",
+                node_id, tries, wait)
 
-    def _node_info(self, node_id: int, reply: Message) -> NodeInfo:
-        if reply.has_error():
-            raise InvalidReply(f"capacity query failed: {reply.error.reason}")
-        metrics = reply.content.metric_records.get("capacity")
-        config = reply.content.config_records.get("node")
-        if metrics is None or config is None:
-            raise InvalidReply("reply to the capacity query lacks 'capacity' or 'node'")
-        max_layers = metrics.get("max-layers")
-        if not isinstance(max_layers, int) or max_layers < 1:
-            raise InvalidReply(f"declared max-layers {max_layers!r} is not a positive integer")
-        pid = metrics.get("partition-id")
-        if not isinstance(pid, int) or not 0 <= pid < self.experiment.num_clients:
-            raise InvalidReply(f"declared partition-id {pid!r} is outside 0..{self.experiment.num_clients - 1}")
-        layers = metrics.get("backbone-layers")
-        if isinstance(layers, int) and layers != self.num_layers:
-            raise InvalidReply(f"its backbone cache has {layers} blocks, the server's {self.num_layers}")
-        source = str(config.get("backbone-source", ""))
+    def _node_info(self, node_id: int, reply: Message, first: bool = False) -> NodeInfo:
+        declared = read_capacity(reply, self.experiment.num_clients)
+        if declared.backbone_layers is not None and declared.backbone_layers != self.num_layers:
+            raise InvalidReply(f"its backbone cache has {declared.backbone_layers} blocks, "
+                               f"the server's {self.num_layers}")
+        source = declared.backbone_source
         if source and self.backbone_source and source != self.backbone_source:
             raise InvalidReply(f"its backbone cache holds other weights ({source}) than the server's "
                                f"({self.backbone_source}); give the node a copy of the server's cache")
-        partitions = metrics.get("num-partitions", 0)
-        if isinstance(partitions, int) and 0 < partitions < self.experiment.num_clients:
+        partitions = declared.num_partitions
+        if self.simulation and first and partitions is not None and partitions < self.experiment.num_clients:
             raise FederationTooSmall(
                 f"the federation has {partitions} partitions (simulated SuperNodes) but the experiment has "
                 f"{self.experiment.num_clients} clients (clients.capacities); run with "
                 f"--federation-config 'num-supernodes={self.experiment.num_clients}' (deploy/simulate.py does)")
-        return NodeInfo(node_id, pid, min(max_layers, self.num_layers), str(config.get("domain", "")),
-                        int(metrics.get("num-examples", 0)))
+        return NodeInfo(node_id, declared.partition_id, min(declared.max_layers, self.num_layers),
+                        declared.domain, declared.num_examples)
 
     def _sample(self, grid: Grid) -> list[NodeInfo]:
         connected = set(grid.get_node_ids())
@@ -225,6 +213,8 @@ class FedRA(Strategy):
         nodes = self._sample(grid)
         matrix = self.allocation(nodes)
         state = dict(arrays.to_torch_state_dict())
+        if not is_finite_state(state):
+            raise RuntimeError("the global state holds NaN or infinite values; refusing to send it")
         pending = PendingRound(self.round_offset + server_round, state, nodes, matrix)
         for row, node in enumerate(nodes):
             layers = layers_of(matrix, row)
@@ -247,49 +237,74 @@ class FedRA(Strategy):
         if pending is None:
             raise RuntimeError("aggregate_train called before configure_train")
         outcomes = {n.node_id: {"status": "failed", "reason": "no reply within the timeout"} for n in pending.nodes}
-        deltas, weights = [], []
+        deltas: dict[int, State] = {}
         for reply in replies:
             node_id = pending.node_of(reply)
-            if node_id not in pending.sent:
-                log(WARNING, "Ignoring a reply from node %s that was not sent a task", node_id)
+            if node_id not in pending.sent or node_id in deltas:
+                log(WARNING, "Ignoring a reply from node %s that was not sent a task or already answered", node_id)
                 continue
-            outcome, delta = self._check_reply(reply, pending.sent[node_id])
-            outcomes[node_id] = outcome
+            outcomes[node_id], delta = self._check_reply(reply, pending.sent[node_id], self.nodes[node_id])
             if delta is not None:
-                deltas.append(delta)
-                weights.append(float(outcome["num_examples"]))
+                deltas[node_id] = delta
         self.last_record = self._round_record(pending, outcomes)
         if not deltas:
             log(WARNING, "Round %d: no valid reply; the global state is unchanged", pending.server_round)
             return ArrayRecord(pending.state), None
-        use = None if self.cfg.weighting == "uniform" else weights
-        if self.cfg.method == "inclusivefl" and self.cfg.inclusivefl_momentum > 0:
-            new_state = inclusivefl_aggregate(pending.state, deltas, self.momentum,
-                                              self.cfg.inclusivefl_momentum, use)
-        else:
-            new_state = masked_average(pending.state, deltas, use)
+        new_state = self._aggregate(pending, deltas, outcomes)
+        if not is_finite_state(new_state):
+            # Finite deltas can still overflow float32 when added: keep the last good state.
+            reason = "the averaged state overflowed to NaN or infinity; the round was discarded"
+            log(WARNING, "Round %d: %s", pending.server_round, reason)
+            self.last_record["aggregation"] = {"status": "discarded", "reason": reason}
+            return ArrayRecord(pending.state), None
         return ArrayRecord(new_state), self._train_metrics(outcomes)
 
-    def _check_reply(self, reply: Message, sent: State) -> tuple[dict[str, Any], State | None]:
+    def _aggregate(self, pending: PendingRound, deltas: dict[int, State],
+                   outcomes: dict[int, dict[str, Any]]) -> State:
+        """The masked average of the accepted deltas, then the method's server-side step."""
+        weights = [float(outcomes[n]["weight"]) for n in deltas]
+        use = None if self.cfg.weighting == "uniform" else weights
+        if self.cfg.method == "inclusivefl" and self.cfg.inclusivefl_momentum > 0:
+            return inclusivefl_aggregate(pending.state, list(deltas.values()), self.momentum,
+                                         self.cfg.inclusivefl_momentum, use)
+        return masked_average(pending.state, list(deltas.values()), use)
+
+    def _max_examples(self, node: NodeInfo) -> int:
+        """Most examples a node can see in a round: steps x batch, or epochs over its declared data."""
+        training = self.experiment.training
+        if training.local_steps is not None:
+            return training.local_steps * training.batch_size
+        return training.local_epochs * node.num_examples
+
+    def _check_reply(self, reply: Message, sent: State, node: NodeInfo) -> tuple[dict[str, Any], State | None]:
         if reply.has_error():
-            log(WARNING, "Client failed: %s", reply.error.reason)
+            log(WARNING, "Client %d failed: %s", node.node_id, reply.error.reason)
             return {"status": "failed", "reason": reply.error.reason}, None
         try:
-            delta, metrics = unpack_delta(reply)
-            check_delta(delta, sent)
+            checked = read_train_reply(reply, sent, self.cfg.wire_dtype, self._max_examples(node))
         except InvalidReply as err:
-            log(WARNING, "Rejected a reply: %s", err.reason)
+            log(WARNING, "Rejected the reply of client %d: %s", node.node_id, err.reason)
             return {"status": "rejected", "reason": err.reason}, None
-        outcome: dict[str, Any] = {"status": "ok", "num_examples": int(metrics["num-examples"]),
-                                   "bytes_received": serialized_bytes(reply.content.array_records["arrays"])}
-        outcome.update({k.replace("-", "_"): v for k, v in metrics.items() if k != "num-examples"})
+        delta, norm = clip_delta(checked.delta, self.cfg.clip_delta_norm)
+        outcome: dict[str, Any] = {
+            "status": "ok", "num_examples": checked.examples_seen,
+            # num-examples weighting counts the node's dataset (declared once, checked), not
+            # the examples seen this round, which local_steps makes equal for everyone.
+            "weight": node.num_examples if self.cfg.weighting == "num-examples" else 1,
+            "bytes_received": checked.bytes_received, "delta_norm": norm,
+            "metrics": checked.metrics,
+        }
+        if self.cfg.clip_delta_norm is not None:
+            outcome["clipped"] = norm > self.cfg.clip_delta_norm
+        if checked.ignored_metrics:
+            outcome["ignored_metrics"] = checked.ignored_metrics
         return outcome, delta
 
     def _round_record(self, pending: PendingRound, outcomes: dict[int, dict[str, Any]]) -> dict[str, Any]:
         rows = [{"node_id": n.node_id, "partition_id": n.partition_id, "domain": n.domain,
                  "capacity": n.max_layers} for n in pending.nodes]
-        clients = [{**row, "layers": layers_of(pending.matrix, i), "bytes_sent": pending.bytes_sent[row["node_id"]],
-                    **outcomes[row["node_id"]]} for i, row in enumerate(rows)]
+        clients = [{**outcomes[row["node_id"]], **row, "layers": layers_of(pending.matrix, i),
+                    "bytes_sent": pending.bytes_sent[row["node_id"]]} for i, row in enumerate(rows)]
         trained = [outcomes[n.node_id]["status"] == "ok" for n in pending.nodes]
         return {
             "round": pending.server_round,
@@ -309,7 +324,7 @@ class FedRA(Strategy):
         total = sum(o["num_examples"] for o in ok)
         metrics = {"num-examples": total, "clients-ok": len(ok), "clients-failed": len(outcomes) - len(ok)}
         for key in ("train_loss", "train_accuracy"):
-            values = [(o[key], o["num_examples"]) for o in ok if key in o]
+            values = [(o["metrics"][key], o["num_examples"]) for o in ok if key in o["metrics"]]
             if values:
                 metrics[key.replace("_", "-")] = sum(v * n for v, n in values) / max(total, 1)
         return MetricRecord(metrics)

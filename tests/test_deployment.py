@@ -259,7 +259,8 @@ def test_node_declaring_no_valid_capacity_is_excluded_with_its_reason(run_identi
 
     def declare(max_layers: object) -> Callable[[Message], Message]:
         def answer(message: Message) -> Message:
-            content = RecordDict({"capacity": MetricRecord({"max-layers": max_layers, "partition-id": 0}),
+            content = RecordDict({"capacity": MetricRecord({"max-layers": max_layers, "partition-id": 0,
+                                                            "num-examples": 10}),
                                   "node": ConfigRecord({"domain": "clean"})})
             return Message(content, reply_to=message)
         return answer
@@ -273,7 +274,7 @@ def test_node_declaring_no_valid_capacity_is_excluded_with_its_reason(run_identi
     strategy.discover(grid, wait_for=1)  # type: ignore[arg-type]
 
     assert list(strategy.nodes) == [1] and strategy.nodes[1].max_layers == 3
-    assert "max-layers 0 is not a positive integer" in strategy.excluded[2]
+    assert "declared max-layers 0 is not a whole number in 1.." in strategy.excluded[2]
     assert "memory-budget-mb=0.001 cannot hold one block" in strategy.excluded[3]
 
 
@@ -283,7 +284,8 @@ def test_node_whose_cache_holds_other_weights_is_excluded(run_identity: None) ->
 
     def declare(partition: int, source: str, layers: int = 4) -> Callable[[Message], Message]:
         def answer(message: Message) -> Message:
-            capacity = MetricRecord({"max-layers": 4, "partition-id": partition, "backbone-layers": layers})
+            capacity = MetricRecord({"max-layers": 4, "partition-id": partition, "backbone-layers": layers,
+                                     "num-examples": 10})
             content = RecordDict({"capacity": capacity,
                                   "node": ConfigRecord({"domain": "clean", "backbone-source": source})})
             return Message(content, reply_to=message)
