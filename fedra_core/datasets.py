@@ -4,12 +4,16 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from fedra_core.backbone import CacheMeta
 from fedra_core.config import DataConfig, Experiment, NodeSettings
+
+if TYPE_CHECKING:
+    from fedra_core.data import DomainData
 
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 NICOPP_DOMAINS = ("autumn", "dim", "grass", "outdoor", "rock", "water")
@@ -113,5 +117,30 @@ def test_sets(experiment: Experiment, meta: CacheMeta, root: str | None = None
     names = domain_names(experiment.data, root)
     domains = _load(experiment, meta, root or experiment.data.root, names)
     cap = experiment.data.max_test_per_domain
-    sets = {d.name: (Subset(d.test, range(min(cap, len(d.test)))) if cap else d.test) for d in domains}
+    sets = {d.name: capped_test_set(d, cap, experiment.seed, i) if cap else d.test for i, d in enumerate(domains)}
     return sets, len(domains[0].classes)
+
+
+def capped_test_set(domain: "DomainData", cap: int, seed: int, domain_index: int) -> Dataset:
+    """At most ``cap`` test items of a domain, every class in proportion (``data.max_test_per_domain``).
+
+    Folder, DomainNet and NICO++ test sets list their files class by class, so their
+    first ``cap`` items would hold only the first classes: draw a stratified subset,
+    the same for every method of a seed. A test set already in a seeded random order
+    (the built-in benchmark's) keeps its first ``cap`` items, which are a random subset.
+    """
+    test = domain.test
+    if domain.test_shuffled:
+        return Subset(test, range(min(cap, len(test))))
+    from fedra_core.data import stratified_subset
+
+    rng = np.random.default_rng([seed, domain_index, len(test)])
+    return Subset(test, stratified_subset(_labels_of(test), cap, rng).tolist())
+
+
+def _labels_of(dataset: Dataset) -> np.ndarray:
+    """Labels of a dataset in order, without decoding images where the dataset knows them."""
+    known = getattr(dataset, "train_labels", None)  # ImageFileDataset: the labels of its own files
+    if known is not None:
+        return np.asarray(known)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from fedra_core.data import (
     partition_feature_skew,
     save_builtin_preview,
     shard_dataset,
+    stratified_subset,
     synthetic_shapes,
 )
 from fedra_core.data.builtin import _builtin_digits_cached
@@ -363,3 +364,38 @@ def test_shard_dataset_selects_the_shard_items() -> None:
 
     assert len(subset) == len(shard.indices)
     assert int(subset[0][1]) == domains[1].train_labels[shard.indices[0]]
+
+
+# ------------------------------------------------------------ capped test sets
+
+
+def test_stratified_subset_keeps_every_class_in_proportion() -> None:
+    labels = np.repeat([0, 1, 2], [50, 30, 20])  # sorted by class, as files listed class by class
+
+    picked = stratified_subset(labels, 10, np.random.default_rng(0))
+
+    assert len(picked) == 10 and list(picked) == sorted(set(picked))
+    assert np.bincount(labels[picked]).tolist() == [5, 3, 2]
+    assert np.bincount(labels[stratified_subset(labels, 7, np.random.default_rng(0))]).tolist() == [4, 2, 1]
+    assert len(stratified_subset(labels, 500, np.random.default_rng(0))) == 100
+
+
+def test_capped_folder_test_set_holds_every_class(tmp_path: Path) -> None:
+    from fedra_core.backbone import CacheMeta
+    from fedra_core.config import experiment_from_dict
+    from fedra_core.datasets import test_sets
+
+    for label, name in enumerate(("ant", "bee", "cat", "dog")):
+        for i in range(6):
+            _write_png(tmp_path / "a" / name / f"{i}.png", 40 * label + i)
+    experiment = experiment_from_dict({"data": {"dataset": "folder", "root": str(tmp_path), "test_fraction": 0.5,
+                                                "max_test_per_domain": 8}, "clients": {"capacities": [2]}})
+    meta = CacheMeta("vit", {}, 2, 8, MEAN, STD)
+
+    sets, num_classes = test_sets(experiment, meta)
+    labels = [label for _, label in sets["a"]]
+
+    assert num_classes == 4 and len(labels) == 8
+    assert sorted(labels) == [0, 0, 1, 1, 2, 2, 3, 3]  # the first 8 items would be classes 0-2 only
+    assert sets["a"].indices == test_sets(experiment, meta)[0]["a"].indices  # the same for every method
+    assert all(d.test_shuffled for d in builtin_digits(image_size=12))  # its first N are random already

@@ -21,7 +21,13 @@ from fedra_core.data.folders import (
     load_nicopp,
     read_split_file,
 )
-from fedra_core.data.partition import ClientShard, partition_dirichlet, partition_feature_skew, shard_dataset
+from fedra_core.data.partition import (
+    ClientShard,
+    partition_dirichlet,
+    partition_feature_skew,
+    shard_dataset,
+    stratified_subset,
+)
 
 __all__ = [
     "BUILTIN_DOMAINS",
@@ -44,4 +50,5 @@ __all__ = [
     "read_split_file",
     "save_builtin_preview",
     "shard_dataset",
+    "stratified_subset",
 ]

@@ -39,6 +39,10 @@ class DomainData:
         (n_train,) int64 labels of ``train`` in order, readable without decoding images.
     classes : tuple of str
         Label space, shared by all domains of a benchmark.
+    test_shuffled : bool
+        Whether ``test`` is in a seeded random order, so that its first N items are
+        already a random subset; otherwise (files listed class by class) a capped
+        test set is drawn stratified (``fedra_core.datasets.test_sets``).
     """
 
     name: str
@@ -46,6 +50,7 @@ class DomainData:
     test: Dataset
     train_labels: np.ndarray
     classes: tuple[str, ...]
+    test_shuffled: bool = False
 
 
 class ImageTensorDataset(TensorDataset):
@@ -279,7 +284,7 @@ def _make_domain(
     n_train = len(train_idx)
     train = ImageTensorDataset(images[:n_train], targets[:n_train], DIGIT_CLASSES, train_idx)
     test = ImageTensorDataset(images[n_train:], targets[n_train:], DIGIT_CLASSES, test_idx)
-    return DomainData(name, train, test, _read_only(labels[train_idx]), DIGIT_CLASSES)
+    return DomainData(name, train, test, _read_only(labels[train_idx]), DIGIT_CLASSES, test_shuffled=True)
 
 
 @functools.lru_cache(maxsize=8)

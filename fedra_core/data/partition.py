@@ -166,3 +166,35 @@ def partition_dirichlet(
         shards += _shards(position, parts)
         logger.debug("domain %s: client sizes %s", domain.name, [len(part) for part in parts])
     return shards
+
+
+def stratified_subset(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of a random subset of ``size`` items holding every class in proportion.
+
+    Each class gets ``size`` times its share, rounded down, and the items left over
+    go to the classes with the largest remainders; the members are drawn at random.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (N,) label of each item, in the dataset's order.
+    size : int
+        How many items to keep; all of them when ``size >= N``.
+    rng : numpy.random.Generator
+        Draws the members of each class.
+
+    Returns
+    -------
+    numpy.ndarray
+        Ascending positions into ``labels``.
+    """
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * size / len(labels)
+    take = np.floor(quota).astype(int)
+    largest_remainders = np.argsort(-(quota - take), kind="stable")
+    take[largest_remainders[: size - int(take.sum())]] += 1
+    picks = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picks))
