@@ -89,7 +89,8 @@ def train_local(
     loader : DataLoader
         Local training data.
     cfg : TrainingConfig
-        Optimizer, learning rate, epochs or steps, clipping and precision.
+        Optimizer, learning rate, epochs or steps, clipping and precision
+        (``fp16`` trains with a gradient scaler).
     device : torch.device
         Where batches are moved.
     loss_fn : LossFn
@@ -104,6 +105,9 @@ def train_local(
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = make_optimizer(params, cfg)
+    # fp16's small gradients underflow to zero unless the loss is scaled up first; bf16
+    # has fp32's range and needs no scaler (disabled, the scaler passes everything through)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     model.train()
     seen, steps = 0, 0
     correct = torch.zeros((), device=device)
@@ -114,10 +118,12 @@ def train_local(
         with autocast(device, cfg.precision):
             logits, loss = loss_fn(model, images, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then halves
+        scaler.update()
         seen += labels.shape[0]
         correct += (logits.argmax(dim=1) == labels).sum()
         loss_sum += loss.detach().float() * labels.shape[0]

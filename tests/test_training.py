@@ -9,6 +9,7 @@ from torch.utils.data import TensorDataset
 from fedra_core.config import LoraSettings, TrainingConfig, experiment_from_dict, resolve_node
 from fedra_core.evaluation import GlobalModel
 from fedra_core.local import build_submodel, resolve_device, run_local_round
+from fedra_core.training import train_local
 from fedra_core.lora import slice_state
 
 
@@ -103,3 +104,21 @@ def test_a_frozen_head_is_the_same_on_the_server_and_every_client(tiny_vit_cache
     other = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora, seed=8).model.get_classifier()
     assert not torch.equal(other.weight, server.model.get_classifier().weight)  # drawn from the run's seed
     assert local.delta["blocks.5.mlp.fc2.lora_B.weight"].abs().sum() > 0  # adapters train against it
+
+
+def test_fp16_trains_with_a_gradient_scaler() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    data = TensorDataset(torch.randn(32, 8), torch.arange(32) % 4)
+    cfg = TrainingConfig(precision="fp16", optimizer="sgd", lr=1e4, momentum=0.0, weight_decay=0.0,
+                         local_steps=1, batch_size=32, grad_clip=10.0)
+
+    def tiny_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):  # noqa: ANN202
+        logits = net(images)  # fp16 under autocast
+        return logits, torch.nn.functional.cross_entropy(logits, labels) * 1e-7  # fp16 gradients ~1e-9
+
+    train_local(model, torch.utils.data.DataLoader(data, batch_size=32), cfg, torch.device("cpu"), tiny_loss)
+
+    # unscaled, every fp16 gradient underflows to zero and SGD leaves the weights as they were
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
