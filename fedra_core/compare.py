@@ -171,7 +171,7 @@ def run_all(base: Path, methods: Sequence[str], seeds: Sequence[int], out: Path,
             _progress((index + 1) * rounds, len(plan) * rounds, f"{name}: already finished", stream)
             continue
         resume = (run_dir / "checkpoint.safetensors").is_file()  # interrupted after a round: continue it
-        if (run_dir / "rounds.jsonl").exists() and not resume:
+        if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)  # interrupted before its first round ended: nothing to keep
         simulate(config_file, out, name, index * rounds, len(plan) * rounds, out / "logs" / f"{name}.log", stream,
                  resume=resume)

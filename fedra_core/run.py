@@ -1,6 +1,7 @@
 """The server's side of a run, framework-free: setup, per-round records, final output."""
 
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from fedra_core.evaluation import GlobalModel
 from fedra_core.lora import State
 from fedra_core.plots import plot_accuracy, plot_allocations
 from fedra_core.pretrain import ensure_builtin_backbone
-from fedra_core.records import CheckpointError, RunOutput
+from fedra_core.records import CheckpointError, RecordsError, RunInUse, RunOutput, claim_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,8 @@ def check_same_backbone(output: RunOutput, meta: CacheMeta) -> None:
 
 
 def unique_run_dir(base: Path, name: str) -> Path:
-    """``base/name``, or ``base/name-2``, ``-3``... so a finished run is never overwritten."""
-    candidate, n = base / name, 1
-    while (candidate / "rounds.jsonl").exists():
-        n += 1
-        candidate = base / f"{name}-{n}"
-    return candidate
+    """Claim ``base/name``, or ``base/name-2``, ``-3``...: created here, so no other run shares it."""
+    return claim_run_dir(base, name)
 
 
 class ServerRun:
@@ -71,7 +68,23 @@ class ServerRun:
 
     def __init__(self, experiment: Experiment, run_dir: Path, resume: bool = False) -> None:
         self.experiment = experiment
+        if resume and not (Path(run_dir) / "config.yaml").is_file():
+            raise ConfigError(f"resume: {run_dir} holds no run to resume")
         self.output = RunOutput(run_dir)
+        try:
+            self.output.lock()  # held until this process ends: no second run or resume writes here
+        except RunInUse as err:
+            raise ConfigError(str(err)) from None
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.output.unlock()
+            if not resume and not self.output.rounds_path.exists():
+                shutil.rmtree(self.output.dir, ignore_errors=True)  # a run that never started leaves no folder
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        experiment = self.experiment
         self.meta = prepare_backbone(experiment)
         check_experiment(experiment, self.meta)
         self.test_sets, self.num_classes = test_sets(experiment, self.meta)
@@ -88,6 +101,7 @@ class ServerRun:
         self.start_round = 0
         self.rng = np.random.default_rng(experiment.seed)
         self.state = self.model.initial_state()
+        self.server_state: State = {}  # the strategy's own state across rounds (checkpointed)
         if resume:
             self._resume()
         else:
@@ -98,15 +112,17 @@ class ServerRun:
 
     def _resume(self) -> None:
         try:
-            state, last_round, rng, _ = self.output.load_checkpoint()
-        except CheckpointError as err:
-            raise ConfigError(f"resume: {err}") from err
-        if set(state) != set(self.state):
+            checkpoint = self.output.load_checkpoint()
+            self.output.read_rounds()  # a bad line other than a torn last one is reported now
+        except (CheckpointError, RecordsError) as err:
+            raise ConfigError(f"resume: {err}") from None
+        if set(checkpoint.state) != set(self.state):
             raise ConfigError(f"resume: the checkpoint in {self.output.dir} does not fit this experiment's model")
         check_same_backbone(self.output, self.meta)
-        self.state, self.start_round, self.rng = state, last_round, rng
-        self.output.truncate_rounds(last_round)
-        logger.info("resuming %s after round %d", self.output.dir, last_round)
+        self.state, self.start_round, self.rng = checkpoint.state, checkpoint.round, checkpoint.rng
+        self.server_state = checkpoint.server_state
+        self.output.truncate_rounds(checkpoint.round)
+        logger.info("resuming %s after round %d", self.output.dir, checkpoint.round)
 
     @property
     def num_layers(self) -> int:
@@ -117,8 +133,12 @@ class ServerRun:
         return self.experiment.training.rounds - self.start_round
 
     def end_round(self, server_round: int, state: Mapping[str, torch.Tensor],
-                  train_record: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Evaluate the global model, write the round's record and the checkpoint."""
+                  train_record: Mapping[str, Any] | None, server_state: State | None = None) -> dict[str, Any]:
+        """Evaluate the global model, write the round's record and the checkpoint.
+
+        ``server_state`` is what the strategy keeps across rounds (InclusiveFL's
+        momentum): it goes into the same checkpoint, so a resumed run goes on exactly.
+        """
         eval_start = time.perf_counter()
         results = self.model.evaluate(state, self.test_sets, self.experiment.training.eval_batch_size)
         accuracy = {name: r["accuracy"] for name, r in results.items()}
@@ -135,7 +155,8 @@ class ServerRun:
         self.output.append_round(record)
         if server_round > 0:
             self.state = {k: v.detach().clone() for k, v in state.items()}
-            self.output.save_checkpoint(self.state, server_round, self.rng)
+            self.server_state = {k: v.detach().clone() for k, v in (server_state or {}).items()}
+            self.output.save_checkpoint(self.state, server_round, self.rng, server_state=self.server_state)
         self._round_started = time.perf_counter()
         return record
 

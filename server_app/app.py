@@ -69,13 +69,15 @@ def main(grid: Grid, context: Context) -> None:
         describe_state(run.state))
     strategy = FedRA(experiment, run.num_layers, run.rng, round_offset=run.start_round,
                      backbone_source=run.meta.source, simulation=is_simulation(grid))
+    strategy.load_server_state(run.server_state)
     strategy.discover(grid, wait_for=experiment.num_clients)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         actual = run.start_round + server_round
         if server_round == 0 and run.start_round > 0:
             return None  # resumed: round 0 was recorded by the first run
-        record = run.end_round(actual, arrays.to_torch_state_dict(), strategy.last_record if server_round else None)
+        record = run.end_round(actual, arrays.to_torch_state_dict(), strategy.last_record if server_round else None,
+                               strategy.server_state())
         _log_round(record, experiment.training.rounds)
         return MetricRecord({"mean-accuracy": record["mean_accuracy"]})
 

@@ -21,6 +21,7 @@ from fedra_core.wire import encode
 from server_app.replies import read_capacity, read_train_reply, serialized_bytes
 
 QUERY_TIMEOUT = 120.0
+MOMENTUM = "inclusivefl_momentum."  # checkpoint prefix of InclusiveFL's momentum
 QUERY_BACKOFF = (60.0, 3600.0)  # a silent node is asked again after 60 s, doubling up to an hour
 
 
@@ -111,6 +112,17 @@ class FedRA(Strategy):
         self.last_record: dict[str, Any] = {}
         self.momentum: State = {}  # InclusiveFL's momentum distillation, across rounds
         self._experiment_json = experiment.to_json()
+
+    def server_state(self) -> State:
+        """What the strategy keeps across rounds, for the run's checkpoint."""
+        return {MOMENTUM + key: value for key, value in self.momentum.items()}
+
+    def load_server_state(self, state: State) -> None:
+        """Continue from a checkpoint's ``server_state``."""
+        unknown = [k for k in state if not k.startswith(MOMENTUM)]
+        if unknown:
+            raise ValueError(f"the checkpoint holds server state this strategy does not keep: {unknown[:3]}")
+        self.momentum = {key[len(MOMENTUM):]: value for key, value in state.items()}
 
     def summary(self) -> None:
         """Log the strategy's settings as a small tree."""

@@ -333,8 +333,10 @@ def _adapters(run_dir: Path) -> dict:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_vit_cache: Path) -> None:
-    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=4)
+@pytest.mark.parametrize("strategy", [{}, {"method": "inclusivefl", "inclusivefl_momentum": 0.5}],
+                         ids=["fedra", "inclusivefl-momentum"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_vit_cache: Path, strategy: dict) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=4, **strategy)
     out = tmp_path / "out"
     base = f"experiment='{experiment}' output-dir='{out}'"
     runs = {"full": _simulate(tmp_path, f"{base} run-name='full'")}
@@ -346,6 +348,8 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_vit_cache
         runs["cut"].wait(timeout=120)
         stopped_at = _checkpoint_round(out / "cut")
         assert 2 <= stopped_at < 4 and not (out / "cut" / "adapters.safetensors").exists()
+        with open(out / "cut" / "rounds.jsonl", "a") as records:
+            records.write('{"round": 9, "accur')  # a line torn by kill -9 while it was appended
         runs["resume"] = _simulate(tmp_path, f"{base} run-name='cut' resume=true")
         assert runs["resume"].wait(timeout=900) == 0
     finally:
