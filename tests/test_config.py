@@ -104,3 +104,10 @@ def test_paper_and_bench_configs_ramp_depthfl_over_their_rounds() -> None:
         if path.name.startswith(("domainnet-", "nicopp-", "bench-")) and not path.stem.endswith("-sd"):
             experiment = load_experiment(path)
             assert experiment.strategy.depthfl_distill_ramp_rounds == experiment.training.rounds, path
+
+
+def test_paper_configs_use_the_reference_codes_lora_targets() -> None:
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.name.startswith(("domainnet-", "nicopp-")):
+            lora = load_experiment(path).backbone.lora
+            assert lora.target_modules == ("proj", "mlp.fc2") and (lora.rank, lora.alpha, lora.dropout) == (8, 8, 0.1)

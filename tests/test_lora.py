@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedra_core.backbone import assemble
-from fedra_core.config import LoraSettings
+from fedra_core.config import LoraSettings, NodeSettings
 from fedra_core.lora import StateMismatchError, attach_lora, load_trainable_state, slice_state, trainable_state
 
 LORA = LoraSettings(rank=4, alpha=4, dropout=0.0)
@@ -93,3 +93,34 @@ def test_slice_state_keeps_held_blocks_and_shared_keys() -> None:
     state = {"blocks.0.x": torch.zeros(1), "blocks.3.x": torch.zeros(1), "blocks.10.x": torch.zeros(1),
              "head.weight": torch.zeros(1)}
     assert sorted(slice_state(state, [3, 10])) == ["blocks.10.x", "blocks.3.x", "head.weight"]
+
+
+def test_reference_targets_also_adapt_the_patch_embedding_as_a_shared_tensor(tiny_vit_cache: Path) -> None:
+    from fedra_core.aggregation import masked_average
+    from fedra_core.config import experiment_from_dict
+    from fedra_core.evaluation import GlobalModel
+    from fedra_core.local import run_local_round
+
+    experiment = experiment_from_dict({
+        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0,
+                                                            "target_modules": ["proj", "mlp.fc2"]}},
+        "clients": {"capacities": [6, 2]}, "training": {"local_steps": 2, "batch_size": 8, "lr": 0.05}})
+    server = GlobalModel(tiny_vit_cache, 5, experiment.backbone.lora)
+    state = {k: (torch.randn_like(v) * 0.1 if "lora_B" in k else v) for k, v in server.initial_state().items()}
+    shared = {"patch_embed.proj.lora_A.weight", "patch_embed.proj.lora_B.weight"}
+    assert shared <= set(state) and "blocks.3.attn.proj.lora_A.weight" in state  # suffix "proj": both
+    assert not any("qkv" in k for k in state)
+    assert state["patch_embed.proj.lora_A.weight"].shape == (2, 3, 4, 4)  # a conv adapter on the conv
+
+    node = NodeSettings(0, 2, 2, None, tiny_vit_cache, "cpu")
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 16, 16), torch.arange(16) % 5)
+    deltas = [run_local_round(experiment, node, layers, slice_state(state, layers), data, 5, server_round=1).delta
+              for layers in ([0, 4], [2, 5])]
+    assert all(shared <= set(d) and d["patch_embed.proj.lora_A.weight"].abs().sum() > 0 for d in deltas)
+
+    new = masked_average(state, deltas)  # shared: averaged over both clients; a block: over its holder
+    for key in shared:
+        torch.testing.assert_close(new[key], state[key] + (deltas[0][key] + deltas[1][key]) / 2)
+    torch.testing.assert_close(new["blocks.4.mlp.fc2.lora_B.weight"],
+                               state["blocks.4.mlp.fc2.lora_B.weight"] + deltas[0]["blocks.4.mlp.fc2.lora_B.weight"])
+    load_trainable_state(server.model, new)  # the full model takes the averaged shared adapter
