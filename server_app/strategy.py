@@ -150,6 +150,8 @@ class FedRA(Strategy):
                 self._query(grid, fresh, first=wait_for > 0)
             if len(self.nodes) >= wait_for or time.monotonic() > deadline:
                 return
+            if self.simulation and all(n in self.nodes or n in self.excluded for n in grid.get_node_ids()):
+                return  # every simulated node has answered: none is still starting
             log(INFO, "Waiting for clients: %d of %d have declared their capacity", len(self.nodes), wait_for)
             time.sleep(1.0)
 
