@@ -1,21 +1,31 @@
-"""The built-in backbone: a small 12-block ViT pretrained here, on synthetic shapes.
+"""The built-in backbones: small 12-block ViTs pretrained here, on synthetic shapes.
 
 The embedded default must run offline, so its backbone cannot come from a hub. This
 module pretrains one once, on a synthetic shapes-and-textures task that shares no
-data and no labels with the tuning benchmark, and writes it as a backbone cache.
-Only the server (or ``python -m fedra_core.pretrain``) builds it; clients only read.
+digits and no labels with the tuning benchmark (its photo backgrounds and textures
+are crops of the same two scikit-learn sample photos as the benchmark's ``texture``
+domain's backgrounds), and writes it as a backbone cache. Only the server (or
+``python -m fedra_core.pretrain``) builds it; clients only read.
 
-Half of the pretraining batches run through a random sub-model (a depth drawn
-uniformly from 1..12, then that many random blocks in order), the other half
-through all blocks. Large ViTs are pretrained with stochastic depth, which makes
-their blocks usable with others skipped; a small ViT trained without it depends
-on every block (with the first version of this recipe, tuned sub-models that skipped
-block 0 lost much of their accuracy: ``python -m fedra_core.probe`` shows it, and
-docs/RESULTS.md gives the figures), and then every method that trains sub-models,
-FedRA above all, tunes a backbone unlike the ones it is meant for. The cache records
-a digest of the recipe, so a cache built by another version is rebuilt, not silently
-reused; a cache that holds other weights (an exported timm backbone) is never
-overwritten.
+Two recipes, the same data, model and budget:
+
+- ``digits-vit`` runs half of its batches through a random sub-model (a depth drawn
+  uniformly from 1..12, then that many random blocks in order), the other half
+  through all blocks. A small ViT trained without it depends on every block (with
+  the first version of this recipe, tuned sub-models that skipped block 0 lost much
+  of their accuracy: ``python -m fedra_core.probe`` shows it, and docs/RESULTS.md
+  gives the figures). Its blocks are then more robust to being skipped than a real
+  ViT's, which favours methods that train random sub-models, FedRA above all.
+- ``digits-vit-sd`` is pretrained as real ViTs are (ViT-B/16 with DeiT's or
+  AugReg's recipe): stochastic depth (``drop_path_rate`` 0.1, rising linearly over
+  the blocks as in timm) and never a random sub-model. It is the fair backbone for
+  comparing FedRA with the depth-based baselines. Stochastic depth acts during
+  pretraining only; the cache records the plain architecture, so tuning runs
+  without it, as with the other recipe.
+
+The cache records a digest of the recipe, so a cache built by another version is
+rebuilt, not silently reused; a cache that holds other weights (an exported timm
+backbone) is never overwritten.
 """
 
 import fcntl
@@ -37,17 +47,22 @@ from fedra_core.backbone import BackboneCacheError, CacheMeta, import_timm, read
 
 logger = logging.getLogger(__name__)
 
+_DIGITS_VIT: dict[str, Any] = {
+    "timm_name": "vit_tiny_patch16_224",
+    "kwargs": {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 12,
+               "num_heads": 4, "mlp_ratio": 2.0},
+    "num_images": 16000,
+    "epochs": 4,
+    "batch_size": 128,
+    "lr": 2e-3,
+}
+
+# A recipe's keys beside timm's: ``random_depth`` is the share of batches run through
+# a random sub-model, ``drop_path_rate`` the stochastic depth of pretraining only
+# (neither is stored in the cache's kwargs). Editing a recipe changes its digest.
 RECIPES: dict[str, dict[str, Any]] = {
-    "digits-vit": {
-        "timm_name": "vit_tiny_patch16_224",
-        "kwargs": {"img_size": 24, "patch_size": 4, "embed_dim": 64, "depth": 12,
-                   "num_heads": 4, "mlp_ratio": 2.0},
-        "num_images": 16000,
-        "epochs": 4,
-        "batch_size": 128,
-        "lr": 2e-3,
-        "random_depth": 0.5,  # share of batches run through a random sub-model
-    },
+    "digits-vit": {**_DIGITS_VIT, "random_depth": 0.5},
+    "digits-vit-sd": {**_DIGITS_VIT, "drop_path_rate": 0.1},
 }
 
 
@@ -111,7 +126,8 @@ def pretrain(recipe_name: str, seed: int = 0, threads: int | None = None) -> nn.
         torch.set_num_threads(threads)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = timm.create_model(recipe["timm_name"], num_classes=num_classes, **recipe["kwargs"])
+        model = timm.create_model(recipe["timm_name"], num_classes=num_classes,
+                                  drop_path_rate=recipe.get("drop_path_rate", 0.0), **recipe["kwargs"])
         loader = DataLoader(dataset, batch_size=recipe["batch_size"], shuffle=True, drop_last=True)
         total = recipe["epochs"] * len(loader)
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.05)
