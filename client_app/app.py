@@ -70,3 +70,27 @@ def train(message: Message, context: Context) -> Message:
     })
     wire = {k: Array(v) for k, v in encode(local.delta, wire_dtype).items()}
     return Message(RecordDict({"arrays": ArrayRecord(wire), "metrics": metrics}), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the whole global model on this node's own test split (``evaluation.mode`` clients or both)."""
+    from fedra_core.federated import evaluate_on_node  # torch models and peft: only needed to evaluate
+
+    experiment, node, meta, data = _setup(message, context)
+    if not experiment.evaluation.on_clients:
+        raise TaskRefused(f"evaluation.mode is {experiment.evaluation.mode!r}: nodes are not asked to evaluate")
+    config = message.content["config"]
+    wire_dtype = str(config.get("wire-dtype", "float32"))
+    arrays = message.content["arrays"]
+    check_received({k: (a.dtype, a.shape, len(a.data)) for k, a in arrays.items()}, range(meta.num_layers),
+                   wire_dtype)
+    state = decode({k: a.numpy() for k, a in arrays.items()})
+    start = time.perf_counter()
+    result = evaluate_on_node(experiment, node.backbone_cache, meta.num_layers, data.num_classes, data.test,
+                              state, node.device)
+    metrics = {"eval-loss": result["loss"], "eval-accuracy": result["accuracy"],
+               "num-examples": result["num_examples"], "eval-seconds": time.perf_counter() - start}
+    if "ensemble_accuracy" in result:
+        metrics["eval-ensemble-accuracy"] = result["ensemble_accuracy"]
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

@@ -16,6 +16,7 @@ METHODS = ("fedra", "fedra-cover", "first", "all-large", "all-small", "inclusive
 WEIGHTINGS = ("uniform", "num-examples")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
+EVALUATION_MODES = ("server", "clients", "both")
 BUILTIN_BACKBONES = ("digits-vit", "digits-vit-sd")
 
 
@@ -183,6 +184,30 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """Where the global model is evaluated: on the server's test sets, on the nodes' own, or both."""
+
+    mode: str = "server"  # server | clients | both
+    every: int = 1  # evaluate every N rounds (round 0 and the last round always)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in EVALUATION_MODES, "evaluation.mode", self.mode, f"one of {EVALUATION_MODES}")
+        _require(self.every >= 1, "evaluation.every", self.every, "an integer >= 1")
+
+    @property
+    def on_server(self) -> bool:
+        return self.mode in ("server", "both")
+
+    @property
+    def on_clients(self) -> bool:
+        return self.mode in ("clients", "both")
+
+    def due(self, server_round: int, rounds: int) -> bool:
+        """Whether round ``server_round`` (0 = untuned) of ``rounds`` is evaluated."""
+        return server_round in (0, rounds) or server_round % self.every == 0
+
+
+@dataclass(frozen=True)
 class Experiment:
     """One FedRA experiment, fully resolved."""
 
@@ -193,6 +218,7 @@ class Experiment:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     @property
     def num_clients(self) -> int:

@@ -108,7 +108,9 @@ def client_data(experiment: Experiment, node: NodeSettings, meta: CacheMeta) -> 
     loaded = _load(experiment, meta, node.data_root, names if needs_all else names[domain_index:domain_index + 1])
     domain = loaded[domain_index if needs_all else 0]
     indices = _shard_indices(experiment, domain, domain_index, node.partition_id % cpd)
-    return ClientData(domain.name, Subset(domain.train, indices.tolist()), domain.test, len(domain.classes))
+    cap = experiment.data.max_test_per_domain  # the same test items the server would evaluate on
+    test = capped_test_set(domain, cap, experiment.seed, domain_index) if cap else domain.test
+    return ClientData(domain.name, Subset(domain.train, indices.tolist()), test, len(domain.classes))
 
 
 def test_sets(experiment: Experiment, meta: CacheMeta, root: str | None = None

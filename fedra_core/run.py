@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedra_core import baselines
 from fedra_core.backbone import CacheMeta, read_meta
 from fedra_core.config import ConfigError, Experiment
 from fedra_core.datasets import domain_names, test_sets
-from fedra_core.evaluation import GlobalModel
+from fedra_core.federated import global_model, require_num_classes
 from fedra_core.lora import State
 from fedra_core.plots import plot_accuracy, plot_allocations
 from fedra_core.pretrain import ensure_builtin_backbone
@@ -37,7 +36,11 @@ def check_experiment(experiment: Experiment, meta: CacheMeta) -> None:
         if not 1 <= capacity <= meta.num_layers:
             raise ConfigError(f"clients.capacities[{client}] = {capacity} is outside 1..{meta.num_layers} "
                               f"(the backbone {meta.timm_name} has {meta.num_layers} blocks)")
-    domains = domain_names(experiment.data)
+    data = experiment.data
+    if not experiment.evaluation.on_server and data.dataset == "folder" and not data.domains \
+            and not Path(str(data.root)).expanduser().is_dir():
+        return  # the server holds no data: each node checks its own domains
+    domains = domain_names(data)
     expected = len(domains) * experiment.data.clients_per_domain
     if expected != experiment.num_clients:
         raise ConfigError(f"clients.capacities has {experiment.num_clients} entries but the data has "
@@ -87,17 +90,16 @@ class ServerRun:
         experiment = self.experiment
         self.meta = prepare_backbone(experiment)
         check_experiment(experiment, self.meta)
-        self.test_sets, self.num_classes = test_sets(experiment, self.meta)
+        if experiment.evaluation.on_server:
+            self.test_sets, self.num_classes = test_sets(experiment, self.meta)
+        else:  # the nodes evaluate on their own data: the server needs none
+            self.test_sets, self.num_classes = {}, require_num_classes(experiment)
         device = experiment.training.device
         if device != "cpu" and not torch.cuda.is_available():
             logger.info("the server has no CUDA: the global model is evaluated on the CPU")
             device = "cpu"
-        self.model = GlobalModel(experiment.backbone.cache_path, self.num_classes, experiment.backbone.lora,
-                                 device=device, seed=experiment.seed,
-                                 layers=baselines.global_layers(experiment, self.meta.num_layers),
-                                 prepare=lambda m: baselines.prepare_model(m, experiment, self.num_classes,
-                                                                           self.meta.num_layers),
-                                 classifiers=baselines.classifiers_for(experiment))
+        self.model = global_model(experiment, experiment.backbone.cache_path, self.num_classes,
+                                  self.meta.num_layers, device)
         self.start_round = 0
         self.rng = np.random.default_rng(experiment.seed)
         self.state = self.model.initial_state()
@@ -133,21 +135,32 @@ class ServerRun:
         return self.experiment.training.rounds - self.start_round
 
     def end_round(self, server_round: int, state: Mapping[str, torch.Tensor],
-                  train_record: Mapping[str, Any] | None, server_state: State | None = None) -> dict[str, Any]:
+                  train_record: Mapping[str, Any] | None, server_state: State | None = None,
+                  client_eval: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Evaluate the global model, write the round's record and the checkpoint.
 
         ``server_state`` is what the strategy keeps across rounds (InclusiveFL's
         momentum): it goes into the same checkpoint, so a resumed run goes on exactly.
+        ``client_eval`` is the nodes' evaluation of this round (``evaluation.mode``
+        ``clients`` or ``both``); with ``clients`` it is the round's accuracy.
         """
-        eval_start = time.perf_counter()
-        results = self.model.evaluate(state, self.test_sets, self.experiment.training.eval_batch_size)
-        accuracy = {name: r["accuracy"] for name, r in results.items()}
+        evaluation = self.experiment.evaluation
         record: dict[str, Any] = {"round": server_round, **(train_record or {})}
+        eval_start = time.perf_counter()
+        if evaluation.on_server and evaluation.due(server_round, self.experiment.training.rounds):
+            results = self.model.evaluate(state, self.test_sets, self.experiment.training.eval_batch_size)
+            accuracy = {name: r["accuracy"] for name, r in results.items()}
+            record.update({"accuracy": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values()))),
+                           "loss": {name: r["loss"] for name, r in results.items()}, **ensemble_record(results),
+                           "evaluated_by": "server"})
+        if client_eval is not None:
+            record["client_eval"] = dict(client_eval)
+            if not evaluation.on_server and client_eval.get("accuracy"):
+                record.update({k: client_eval[k] for k in ("accuracy", "mean_accuracy", "loss",
+                                                           "ensemble_accuracy", "mean_ensemble_accuracy")
+                               if k in client_eval})
+                record["evaluated_by"] = "clients"
         record.update({
-            "accuracy": accuracy,
-            "mean_accuracy": float(np.mean(list(accuracy.values()))),
-            "loss": {name: r["loss"] for name, r in results.items()},
-            **ensemble_record(results),
             "eval_seconds": time.perf_counter() - eval_start,
             "round_seconds": time.perf_counter() - self._round_started,
             "elapsed_seconds": time.perf_counter() - self.started,

@@ -76,10 +76,13 @@ def main(grid: Grid, context: Context) -> None:
         actual = run.start_round + server_round
         if server_round == 0 and run.start_round > 0:
             return None  # resumed: round 0 was recorded by the first run
+        client_eval = strategy.last_eval
+        if server_round == 0 and experiment.evaluation.on_clients:
+            client_eval = strategy.evaluate_now(grid, actual, arrays)  # the untuned model, on the nodes' data
         record = run.end_round(actual, arrays.to_torch_state_dict(), strategy.last_record if server_round else None,
-                               strategy.server_state())
+                               strategy.server_state(), client_eval)
         _log_round(record, experiment.training.rounds)
-        return MetricRecord({"mean-accuracy": record["mean_accuracy"]})
+        return MetricRecord({"mean-accuracy": record["mean_accuracy"]}) if record.get("accuracy") else None
 
     strategy.start(grid, ArrayRecord(run.state), num_rounds=run.remaining_rounds,
                    timeout=experiment.strategy.reply_timeout, evaluate_fn=evaluate_fn)
@@ -89,8 +92,11 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _log_round(record: dict[str, Any], rounds: int) -> None:
+    failures = len(record.get("failures", [])) + len((record.get("client_eval") or {}).get("failures", []))
+    tail = f" | {failures} client(s) failed" if failures else ""
+    if not record.get("accuracy"):
+        log(INFO, "round %d/%d | not evaluated | %.1fs%s", record["round"], rounds, record["round_seconds"], tail)
+        return
     accuracy = " ".join(f"{d}={100 * a:.1f}" for d, a in record["accuracy"].items())
-    failures = len(record.get("failures", []))
     log(INFO, "round %d/%d | mean accuracy %.1f%% | %s | %.1fs%s", record["round"], rounds,
-        100 * record["mean_accuracy"], accuracy, record["round_seconds"],
-        f" | {failures} client(s) failed" if failures else "")
+        100 * record["mean_accuracy"], accuracy, record["round_seconds"], tail)

@@ -151,3 +151,27 @@ def serialized_bytes(record: ArrayRecord) -> int:
         return len(obj.deflate()) + sum(size(child) for child in children.values())  # type: ignore[attr-defined]
 
     return size(record)
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    """A checked evaluate reply."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    ensemble_accuracy: float | None
+
+
+def read_eval_reply(reply: Message) -> EvalReply:
+    """The checked content of an evaluate reply; ``InvalidReply`` when anything is absent or bad."""
+    metrics = reply.content.metric_records.get("metrics")
+    if metrics is None:
+        raise InvalidReply("reply lacks the 'metrics' MetricRecord")
+    loss = finite_number(metrics.get("eval-loss"), "eval-loss")
+    accuracy = finite_number(metrics.get("eval-accuracy"), "eval-accuracy")
+    ensemble = metrics.get("eval-ensemble-accuracy")
+    ensemble = None if ensemble is None else finite_number(ensemble, "eval-ensemble-accuracy")
+    if loss < 0 or not 0 <= accuracy <= 1 or not (ensemble is None or 0 <= ensemble <= 1):
+        raise InvalidReply(f"eval-loss {loss} must be >= 0 and accuracies within 0..1")
+    return EvalReply(loss, accuracy, whole_number(metrics.get("num-examples"), "num-examples", 1), ensemble)

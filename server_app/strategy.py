@@ -16,9 +16,10 @@ from fedra_core.aggregation import InvalidReply, clip_delta, is_finite_state, ma
 from fedra_core.allocation import layers_of
 from fedra_core.baselines import allocation_for, inclusivefl_aggregate
 from fedra_core.config import Experiment
+from fedra_core.federated import NodeEvaluation, aggregate_evaluations
 from fedra_core.lora import State, slice_state
 from fedra_core.wire import encode
-from server_app.replies import read_capacity, read_train_reply, serialized_bytes
+from server_app.replies import read_capacity, read_eval_reply, read_train_reply, serialized_bytes
 
 QUERY_TIMEOUT = 120.0
 MOMENTUM = "inclusivefl_momentum."  # checkpoint prefix of InclusiveFL's momentum
@@ -38,6 +39,16 @@ class NodeInfo:
     max_layers: int
     domain: str
     num_examples: int
+
+
+@dataclass
+class PendingEvaluation:
+    """What was sent for the nodes' evaluation of a round."""
+
+    server_round: int
+    nodes: list[NodeInfo]
+    messages: list[Message]
+    bytes_sent: int
 
 
 @dataclass
@@ -109,6 +120,8 @@ class FedRA(Strategy):
         self.excluded: dict[int, str] = {}
         self.silent: dict[int, tuple[int, float]] = {}  # node -> (unanswered queries, next try)
         self.pending: PendingRound | None = None
+        self.pending_eval: PendingEvaluation | None = None
+        self.last_eval: dict[str, Any] | None = None  # the nodes' evaluation of the last round
         self.last_record: dict[str, Any] = {}
         self.momentum: State = {}  # InclusiveFL's momentum distillation, across rounds
         self._experiment_json = experiment.to_json()
@@ -346,10 +359,68 @@ class FedRA(Strategy):
     # ------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """The global model is evaluated on the server (see ``evaluate_fn``); no client round."""
-        return []
+        """Send every known node the whole global model when the nodes evaluate this round."""
+        self.last_eval = None
+        evaluation = self.experiment.evaluation
+        actual = self.round_offset + server_round
+        if not evaluation.on_clients or not evaluation.due(actual, self.experiment.training.rounds):
+            self.pending_eval = None
+            return []
+        return self._evaluate_messages(actual, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Nothing to aggregate: evaluation happens on the server."""
-        return None
+        """Check each node's evaluation, then aggregate per domain into ``last_eval``."""
+        pending = self.pending_eval
+        if pending is None:
+            return None
+        self.pending_eval = None
+        nodes = {n.node_id: n for n in pending.nodes}
+        evaluations: dict[int, NodeEvaluation] = {}
+        failures: dict[int, dict[str, Any]] = {}
+        for reply in replies:
+            node_id = node_of_reply(reply, pending.messages)
+            if node_id not in nodes or node_id in evaluations or node_id in failures:
+                continue
+            node = nodes[node_id]
+            try:
+                if reply.has_error():
+                    raise InvalidReply(reply.error.reason)
+                checked = read_eval_reply(reply)
+            except InvalidReply as err:
+                status = "failed" if reply.has_error() else "rejected"
+                failures[node_id] = {"node_id": node_id, "partition_id": node.partition_id, "status": status,
+                                     "reason": err.reason}
+                log(WARNING, "Evaluation of client %d %s: %s", node_id, status, err.reason)
+                continue
+            evaluations[node_id] = NodeEvaluation(node_id, node.partition_id, node.domain, checked.loss,
+                                                  checked.accuracy, checked.num_examples, checked.ensemble_accuracy)
+        for node in pending.nodes:
+            if node.node_id not in evaluations and node.node_id not in failures:
+                failures[node.node_id] = {"node_id": node.node_id, "partition_id": node.partition_id,
+                                          "status": "failed", "reason": "no reply within the timeout"}
+        self.last_eval = aggregate_evaluations(list(evaluations.values()), list(failures.values()))
+        self.last_eval["bytes_sent_per_node"] = pending.bytes_sent
+        mean = self.last_eval["mean_accuracy"]
+        return MetricRecord({"client-mean-accuracy": mean}) if mean is not None else None
 
+    def evaluate_now(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
+        """Have the nodes evaluate ``arrays`` outside the training loop (the untuned model, round 0)."""
+        messages = self._evaluate_messages(server_round, arrays, ConfigRecord(), grid)
+        self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=self.cfg.reply_timeout))
+        return self.last_eval
+
+    def _evaluate_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
+        state = dict(arrays.to_torch_state_dict())
+        if not is_finite_state(state):
+            raise RuntimeError("the global state holds NaN or infinite values; refusing to send it")
+        connected = set(grid.get_node_ids())
+        nodes = sorted((n for n in self.nodes.values() if n.node_id in connected), key=lambda n: n.partition_id)
+        record = to_record(state, self.cfg.wire_dtype)
+        cfg = ConfigRecord({**config, "server-round": server_round, "wire-dtype": self.cfg.wire_dtype,
+                            "experiment": self._experiment_json})
+        messages = [Message(content=RecordDict({"arrays": record, "config": cfg}), message_type=MessageType.EVALUATE,
+                            dst_node_id=n.node_id) for n in nodes]
+        self.pending_eval = PendingEvaluation(server_round, nodes, messages, serialized_bytes(record))
+        log(INFO, "configure_evaluate: %d clients evaluate the global model of round %d", len(nodes), server_round)
+        return messages
