@@ -1,4 +1,4 @@
-"""The built-in backbone: random-depth pretraining and a cache that knows its recipe."""
+"""The built-in backbones: random-depth and stochastic-depth pretraining, caches that know their recipe."""
 
 import json
 from pathlib import Path
@@ -92,3 +92,40 @@ def test_another_backbone_in_the_cache_folder_is_never_overwritten(tiny_recipe: 
     with pytest.raises(BackboneCacheError, match="holds another backbone .timm:vit_tiny:pretrained."):
         pretrain.ensure_builtin_backbone(cache, "tiny-test", seed=0)
     assert (cache / "backbone.safetensors").read_bytes() == before
+
+
+def test_every_builtin_backbone_name_has_a_recipe_with_its_own_digest() -> None:
+    from fedra_core.config import BUILTIN_BACKBONES
+
+    assert set(BUILTIN_BACKBONES) == set(pretrain.RECIPES)
+    sources = {pretrain.recipe_source(name, 0) for name in BUILTIN_BACKBONES}
+    assert len(sources) == len(BUILTIN_BACKBONES)
+    random_depth, stochastic = pretrain.RECIPES["digits-vit"], pretrain.RECIPES["digits-vit-sd"]
+    assert random_depth["random_depth"] == 0.5 and "drop_path_rate" not in random_depth
+    assert stochastic["drop_path_rate"] == 0.1 and stochastic.get("random_depth", 0.0) == 0.0
+    same = {key: value for key, value in stochastic.items() if key != "drop_path_rate"}
+    assert same == {key: value for key, value in random_depth.items() if key != "random_depth"}
+
+
+def test_stochastic_depth_recipe_never_runs_a_sub_model_and_caches_the_plain_model(
+        tiny_recipe: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    del tiny_recipe["random_depth"]
+    tiny_recipe["drop_path_rate"] = 0.3
+
+    def no_sub_models(*args: object) -> None:
+        raise AssertionError("the stochastic-depth recipe ran a random sub-model")
+
+    trained = []
+    build = pretrain.pretrain
+    monkeypatch.setattr(pretrain, "forward_blocks", no_sub_models)
+    monkeypatch.setattr(pretrain, "pretrain", lambda *args: trained.append(build(*args)) or trained[-1])
+    cache = tmp_path / "tiny-sd"
+    meta = pretrain.ensure_builtin_backbone(cache, "tiny-test", seed=0)
+    assert meta.source == pretrain.recipe_source("tiny-test", 0)
+    drop = [getattr(block.drop_path1, "drop_prob", 0.0) for block in trained[0].blocks]  # rate 0: Identity
+    assert drop[0] == 0.0 and drop[-1] == pytest.approx(0.3)  # timm's linear rule over the blocks
+    assert "drop_path_rate" not in read_meta(cache).kwargs  # tuning runs without stochastic depth
+    model, _ = assemble(cache, [0, 1, 2, 3], num_classes=5)
+    drop_path = import_timm().layers.DropPath
+    assert any(isinstance(m, drop_path) for m in trained[0].modules())
+    assert not any(isinstance(m, drop_path) for m in model.modules())
