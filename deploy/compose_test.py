@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -39,7 +40,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 DEPLOY = Path(__file__).resolve().parent
@@ -116,9 +117,9 @@ def build_base_image(workdir: Path, env: dict[str, str]) -> None:
         raise ComposeTestError(f"podman import of the debootstrap base failed: {imported.stderr.strip()[-400:]}")
 
 
-def build_images(tag: str, env: dict[str, str], build: bool = True) -> None:
-    """The proxy's nginx image (kept) and the project's image from host wheels, offline, as ``tag``."""
-    build_base_image(Path(env["FEDRA_WORKDIR"]), env)
+def build_images(workdir: Path, tag: str, env: dict[str, str], build: bool = True) -> None:
+    """The proxy's nginx image (kept) and, if ``build``, the project's image from host wheels, offline."""
+    build_base_image(workdir, env)
     if not image_exists(PROXY_IMAGE, env):
         say(f"building {PROXY_IMAGE} (Debian's nginx-light)")
         run(["podman", "build", "--network", "host", "--layers=false", "--build-arg", f"BASE={BASE_IMAGE}",
@@ -199,34 +200,30 @@ class Compose:
     def container(self, service: str) -> str:
         return f"{self.project}_{service}_1"
 
-    def exec(self, service: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    def exec_in(self, service: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
         return run(["podman", "exec", self.container(service), *command], env=self.env, check=check)
 
     def logs(self, service: str, lines: int = 40) -> str:
         result = run(["podman", "logs", "--tail", str(lines), self.container(service)], env=self.env, check=False)
         return result.stdout + result.stderr
 
-    def down(self) -> None:
-        """Containers, networks and volumes labelled with the project, by name or ID."""
+    def listed(self, kind: str) -> list[str]:
+        """IDs of the project's containers, networks or volumes (podman-compose labels them all)."""
+        every = ["-a"] if kind == "container" else []
+        command = ["podman", kind, "ls", "-q", *every, "--filter", f"label=io.podman.compose.project={self.project}"]
+        return run(command, env=self.env, check=False).stdout.split()
+
+    def down(self) -> list[str]:
+        """Remove the project's containers, networks and volumes; return what could not be removed."""
+        # podman-compose 1.0.3 `down -v` leaves the networks: remove what remains by ID.
         run(["podman-compose", "-p", self.project, "-f", str(COMPOSE_FILE), "down", "-v"], env=self.env, check=False)
-        label = f"label=io.podman.compose.project={self.project}"
         for kind in ("container", "network", "volume"):
-            listed = run(["podman", kind, "ls", "-q", *(["-a"] if kind == "container" else []), "--filter", label],
-                         env=self.env, check=False).stdout.split()
-            if listed:
-                run(["podman", kind, "rm", "-f", *listed], env=self.env, check=False)
-
-    def leftovers(self) -> list[str]:
-        label = f"label=io.podman.compose.project={self.project}"
-        found = []
-        for kind in ("container", "network", "volume"):
-            listed = run(["podman", kind, "ls", "-q", *(["-a"] if kind == "container" else []), "--filter", label],
-                         env=self.env, check=False).stdout.split()
-            found += [f"{kind} {name}" for name in listed]
-        return found
+            if ids := self.listed(kind):
+                run(["podman", kind, "rm", "-f", *ids], env=self.env, check=False)
+        return [f"{kind} {name}" for kind in ("container", "network", "volume") for name in self.listed(kind)]
 
 
-def wait_for(condition, what: str, timeout: float) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -235,7 +232,7 @@ def wait_for(condition, what: str, timeout: float) -> None:
 
 
 def online_nodes(compose: Compose) -> int:
-    result = compose.exec("superlink", "flwr", "supernode", "list", "demo", "--format", "json", check=False)
+    result = compose.exec_in("superlink", "flwr", "supernode", "list", "demo", "--format", "json", check=False)
     try:
         return sum(node.get("status") == "online" for node in json.loads(result.stdout)["nodes"])
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -247,14 +244,14 @@ def start(compose: Compose, keys_in_container: Sequence[str]) -> None:
     compose.compose("up", "-d", "--no-build", "proxy")
     wait_for(lambda: "Uvicorn running on https://" in compose.logs("superlink", 200), "the SuperLink", 180)
     for name in keys_in_container:
-        compose.exec("superlink", "flwr", "supernode", "register", f"/keys/{name}.pub", "demo")
+        compose.exec_in("superlink", "flwr", "supernode", "register", f"/keys/{name}.pub", "demo")
     compose.compose("up", "-d", "--no-build")
     wait_for(lambda: online_nodes(compose) == len(keys_in_container), "3 SuperNodes online", 300)
 
 
 def run_experiment(compose: Compose, experiment: str, rounds: int) -> None:
     run_config = f"experiment='{experiment}' output-dir='/outputs' run-name='compose' num-server-rounds={rounds}"
-    result = compose.exec("superlink", "flwr", "run", "/app", "demo", "--stream", "--run-config", run_config,
+    result = compose.exec_in("superlink", "flwr", "run", "/app", "demo", "--stream", "--run-config", run_config,
                           check=False)
     if result.returncode != 0:
         raise ComposeTestError(f"flwr run exited with {result.returncode}: "
@@ -288,11 +285,11 @@ def check_isolation(compose: Compose, certs: Path, port: int) -> None:
     except urllib.error.HTTPError as error:
         if error.code != 403:
             raise ComposeTestError(f"Control API request through the proxy: HTTP {error.code}, expected 403")
-    held = compose.exec("supernode-0", "ls", "/certs", "/keys").stdout.split()
+    held = compose.exec_in("supernode-0", "ls", "/certs", "/keys").stdout.split()
     if sorted(held) != sorted(["/certs:", "ca.crt", "/keys:", "node-0"]):
         raise ComposeTestError(f"supernode-0 holds {held}; expected only ca.crt and its own key")
     probe = "import socket; socket.create_connection(('superlink', 9093), timeout=10)"
-    if compose.exec("supernode-0", "python3", "-c", probe, check=False).returncode == 0:
+    if compose.exec_in("supernode-0", "python3", "-c", probe, check=False).returncode == 0:
         raise ComposeTestError("supernode-0 reaches the SuperLink directly, not only through the proxy")
 
 
@@ -308,63 +305,87 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.workdir and args.workdir.exists() and any(args.workdir.iterdir()):
+        parser.error(f"--workdir {args.workdir} is not empty: give a new or empty folder")
     return args
 
 
-def prepare(args: argparse.Namespace, workdir: Path, tag: str) -> tuple[dict[str, str], Path, str]:
-    """Credentials, experiment, outputs folder and the environment the compose file reads."""
+def prepare(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> str:
+    """Credentials, experiment and outputs folder, named to the compose file in ``env``; the experiment's path."""
     certs, keys = make_credentials(workdir)
     outputs = workdir / "outputs"
     outputs.mkdir()
     os.chown(outputs, APP_UID, APP_UID)
-    env = {**os.environ, "CONTAINERS_CONF": str(containers_conf(workdir)), "FEDRA_WORKDIR": str(workdir),
-           "FEDRA_IMAGE": tag, "FEDRA_PROXY_IMAGE": PROXY_IMAGE, "FEDRA_CERTS": str(certs),
-           "FEDRA_KEYS": str(keys), "FEDRA_OUTPUTS": str(outputs), "FEDRA_PROXY_PORT": str(free_port())}
-    experiment = args.experiment
-    if not experiment:
-        cache, experiment, backbone = write_tiny_experiment(workdir, args.rounds)
-        env.update(FEDRA_CACHE=str(cache), FEDRA_BACKBONE=backbone)
-    return env, certs, experiment
+    env.update(FEDRA_CERTS=str(certs), FEDRA_KEYS=str(keys), FEDRA_OUTPUTS=str(outputs))
+    if args.experiment:
+        return args.experiment
+    cache, experiment, backbone = write_tiny_experiment(workdir, args.rounds)
+    env.update(FEDRA_CACHE=str(cache), FEDRA_BACKBONE=backbone)
+    return experiment
+
+
+def demo(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
+    """Build, start, run and check; raise ComposeTestError naming the first failed step."""
+    started = time.monotonic()
+    experiment = prepare(args, workdir, compose.env)
+    build_images(workdir, compose.env["FEDRA_IMAGE"], compose.env, build=not args.image)
+    built = time.monotonic()
+    say(f"images ready after {built - started:.0f} s; starting the demo")
+    start(compose, list(NODES))
+    say(f"3 SuperNodes online after {time.monotonic() - built:.0f} s; running {args.rounds} rounds")
+    run_started = time.monotonic()
+    run_experiment(compose, experiment, args.rounds)
+    say(f"run finished in {time.monotonic() - run_started:.0f} s")
+    check_output(Path(compose.env["FEDRA_OUTPUTS"]) / "compose", args.rounds)
+    check_isolation(compose, Path(compose.env["FEDRA_CERTS"]), int(compose.env["FEDRA_PROXY_PORT"]))
+
+
+def clean_up(args: argparse.Namespace, compose: Compose, workdir: Path) -> list[str]:
+    """The project's containers, networks, volumes, this run's image tag and work folder; what remains."""
+    left = compose.down()
+    if not args.image:
+        run(["podman", "rmi", "-f", compose.env["FEDRA_IMAGE"]], env=compose.env, check=False)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return left
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    install_tools()
+    try:
+        install_tools()
+    except ComposeTestError as error:
+        say(f"FAILED: {error}")
+        return 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedra-compose-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     run_id = f"{os.getpid()}-{int(time.time())}"
     tag = args.image or f"localhost/fedra-compose-test:{run_id}"
-    env, certs, experiment = prepare(args, workdir, tag)
+    env = {**os.environ, "CONTAINERS_CONF": str(containers_conf(workdir)), "FEDRA_IMAGE": tag,
+           "FEDRA_PROXY_IMAGE": PROXY_IMAGE, "FEDRA_PROXY_PORT": str(free_port())}
     compose = Compose(f"fedra-test-{run_id}", env)
+    say(f"compose project {compose.project}, image {tag}, work folder {workdir}")
+    # SIGTERM or SIGHUP (a CI job cancelled, a terminal closed) still reach the clean-up below.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: sys.exit(128 + number))
+    failure = ""
     try:
-        build_images(tag, env, build=not args.image)
-        built = time.monotonic()
-        say(f"images ready after {built - started:.0f} s; starting the demo")
-        start(compose, list(NODES))
-        say(f"3 SuperNodes online after {time.monotonic() - built:.0f} s; running {args.rounds} rounds")
-        run_started = time.monotonic()
-        run_experiment(compose, experiment, args.rounds)
-        say(f"run finished in {time.monotonic() - run_started:.0f} s")
-        check_output(Path(env["FEDRA_OUTPUTS"]) / "compose", args.rounds)
-        check_isolation(compose, certs, int(env["FEDRA_PROXY_PORT"]))
+        demo(args, compose, workdir)
     except ComposeTestError as error:
         for service in ("superlink", "proxy", "supernode-0"):
             say(f"--- {service} log (last lines)\n{compose.logs(service)}")
-        say(f"FAILED: {error}")
-        return 1
+        failure = str(error)
     finally:
-        compose.down()
-        if not args.image:
-            run(["podman", "rmi", "-f", tag], env=env, check=False)
-        left = compose.leftovers()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        if left:
-            say(f"left behind: {left}")
+        left = clean_up(args, compose, workdir)
+    if left:
+        failure = failure or f"left behind: {', '.join(left)}"
+    if failure:
+        say(f"FAILED: {failure}")
+        return 1
     say(f"PASSED: {args.rounds} rounds over TLS through the proxy, 3 authenticated SuperNodes "
         f"(12/6/3 blocks), all removed; {time.monotonic() - started:.0f} s in all")
-    return 0 if not left else 1
+    return 0
 
 
 if __name__ == "__main__":
