@@ -167,7 +167,7 @@ class StreamedGlobalModel:
         foreign = sorted({block_of(k) for k in state} - {None, *self.layers})
         if foreign:
             raise StateMismatchError(f"the state holds blocks {foreign[:6]} that the model "
-                                     f"(blocks {self.layers[0]}..{self.layers[-1]}) does not have")
+                                     f"(blocks {self.layers}) does not have")
 
     def _shell(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """Shared parts, head and the first block, adapted and loaded exactly as ``GlobalModel``."""
@@ -186,7 +186,11 @@ class StreamedGlobalModel:
             keys = [k for k in f.keys() if k.startswith(prefix)]
             weights = {k[len(prefix):]: f.get_tensor(k) for k in keys}
         block = copy.deepcopy(self._blocks[index])  # (meta) structure of this block
-        block.load_state_dict(weights, strict=True, assign=True)
+        try:
+            block.load_state_dict(weights, strict=True, assign=True)
+        except RuntimeError as err:
+            raise BackboneCacheError(f"{self.cache_dir}: block {index} does not fit {self.meta.timm_name}: "
+                                     f"{str(err).splitlines()[0]}") from err
         host = _BlockHost(index, block)
         with torch.random.fork_rng(devices=[]):
             host = attach_lora(host, self.lora, head_seed=self.seed)  # LoRA init is overwritten just below
