@@ -1,9 +1,10 @@
-"""The paper's baselines: their allocations, DepthFL's exits and loss, InclusiveFL's momentum.
+"""The paper's baselines: their allocations, DepthFL's exits, loss and ensemble, InclusiveFL's aggregation.
 
 Every method shares FedRA's Strategy, ClientApp and training loop; a baseline differs
 only in which blocks each client holds (``allocation_for``), in the depth of the
 evaluated global model (``global_layers``) and, for DepthFL, in auxiliary classifiers
-and a loss term (``attach_exits``, ``depthfl_loss``).
+and a loss term (``attach_exits``, ``depthfl_loss``), and for InclusiveFL in a server-side
+aggregation with momentum distillation (``inclusivefl_aggregate``).
 
 | method        | client i holds                 | global model evaluated  |
 |---------------|--------------------------------|-------------------------|
@@ -204,12 +205,15 @@ def momentum_key(depth: int, key: str) -> str:
 def _distill_top_block(delta: dict[str, torch.Tensor], small: int, large: int,
                        momentum: Mapping[str, torch.Tensor], mix: float) -> None:
     """Mix into the top block of depth ``small`` the larger depth's last deltas of the blocks it lacks."""
-    for key in [k for k in delta if "lora_" in k and (_block_suffix(k) or (-1,))[0] == small - 1]:
-        suffix = _block_suffix(key)[1]  # type: ignore[index]
-        past = [momentum.get(momentum_key(large, f"blocks.{b}.{suffix}")) for b in range(small, large)]
-        if any(p is None for p in past):
+    for key in list(delta):
+        parsed = _block_suffix(key)
+        if parsed is None or parsed[0] != small - 1 or "lora_" not in key:
+            continue
+        past = [momentum.get(momentum_key(large, f"blocks.{b}.{parsed[1]}")) for b in range(small, large)]
+        known = [p for p in past if p is not None]
+        if len(known) < len(past):
             continue  # the larger depth has not reported yet: nothing to distil
-        delta[key] = (1 - mix) * delta[key] + mix * torch.stack(past).mean(dim=0)  # type: ignore[arg-type]
+        delta[key] = (1 - mix) * delta[key] + mix * torch.stack(known).mean(dim=0)
 
 
 def inclusivefl_aggregate(global_state: Mapping[str, torch.Tensor],
