@@ -52,6 +52,9 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 APP_UID = 49999  # the image's user (deploy/Dockerfile)
 NODES = {"node-0": 12, "node-1": 6, "node-2": 3}  # as the compose file's --node-config max-layers
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 12, "num_heads": 2, "mlp_ratio": 2.0}
+# Through the proxy's public port: the Control API above all, the Runtime API, the API docs.
+REFUSED = [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"),
+           ("POST", "/v1/runtime/get-nodes"), ("GET", "/docs"), ("GET", "/v1/fleet/get-run")]
 TOOLS = {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap", "podman-compose": "podman-compose",
          "openssl": "openssl", "ssh-keygen": "openssh-client"}
 
@@ -276,15 +279,17 @@ def check_output(run_dir: Path, rounds: int) -> None:
 
 
 def check_isolation(compose: Compose, certs: Path, port: int) -> None:
-    """Control API refused on the public port; a node holds only ca.crt and its key, and no route to the SuperLink."""
+    """Only the Fleet API behind the public port; a node holds only ca.crt and its key, no route to the SuperLink."""
     context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-    request = urllib.request.Request(f"https://127.0.0.1:{port}/v1/control/list-runs", data=b"", method="POST")
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=30) as response:
-            raise ComposeTestError(f"the proxy forwarded a Control API request (HTTP {response.status})")
-    except urllib.error.HTTPError as error:
-        if error.code != 403:
-            raise ComposeTestError(f"Control API request through the proxy: HTTP {error.code}, expected 403")
+    for method, path in REFUSED:
+        request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", method=method,
+                                         data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=30) as response:
+                raise ComposeTestError(f"the proxy forwarded {method} {path} (HTTP {response.status})")
+        except urllib.error.HTTPError as error:
+            if error.code != 403:
+                raise ComposeTestError(f"{method} {path} through the proxy: HTTP {error.code}, expected 403")
     held = compose.exec_in("supernode-0", "ls", "/certs", "/keys").stdout.split()
     if sorted(held) != sorted(["/certs:", "ca.crt", "/keys:", "node-0"]):
         raise ComposeTestError(f"supernode-0 holds {held}; expected only ca.crt and its own key")
