@@ -401,7 +401,8 @@ LIMIT_KEYS = {"max-lora-rank": "max_lora_rank", "max-batch-size": "max_batch_siz
               "max-local-steps": "max_local_steps", "max-local-epochs": "max_local_epochs",
               "max-classes": "max_classes", "max-threads": "max_threads"}
 NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "max-layers", "data-root",
-                    "backbone-cache", "device", "memory-budget-mb", *LIMIT_KEYS)
+                    "backbone-cache", "device", "memory-budget-mb", *LIMIT_KEYS,
+                    "worker", "worker-idle-seconds")  # the last two: client_app.worker's
 
 
 def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> NodeSettings:

@@ -58,14 +58,26 @@ def global_model(experiment: Experiment, cache: Path, num_classes: int, num_laye
                        classifiers=baselines.classifiers_for(experiment))
 
 
-def evaluate_on_node(experiment: Experiment, cache: Path, num_layers: int, num_classes: int,
-                     test_set: torch.utils.data.Dataset, state: Mapping[str, torch.Tensor],
-                     device: str) -> dict[str, float]:
-    """Loss, accuracy and count of the global model under ``state`` on a node's test split."""
-    model = global_model(experiment, cache, num_classes, num_layers, device)
-    results = model.evaluate(state, {"local": test_set}, experiment.training.eval_batch_size,
-                             experiment.training.precision if device != "cpu" else "fp32")
-    return results["local"]
+def evaluate_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
+                     state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Loss, accuracy and count of the global model under ``state`` on a node's test split.
+
+    A node that holds every block evaluates the model in memory; one whose own
+    ``max-layers`` (or memory budget) is below the depth streams the blocks from its
+    cache one at a time: the same model, in the memory of a block or two.
+    """
+    device = node.device
+    precision = experiment.training.precision if device != "cpu" else "fp32"
+    if node.own_max_layers is not None and node.own_max_layers < meta.num_layers:
+        from fedra_core.streaming import stream_evaluate, without_exits  # DepthFL's exits are not streamed
+
+        result = stream_evaluate(node.backbone_cache, without_exits(state), data.test,
+                                 experiment.backbone.lora, data.num_classes, device,
+                                 experiment.training.eval_batch_size, experiment.seed,
+                                 baselines.global_layers(experiment, meta.num_layers), precision)
+        return {"loss": result.loss, "accuracy": result.accuracy, "num_examples": result.num_examples}
+    model = global_model(experiment, node.backbone_cache, data.num_classes, meta.num_layers, device)
+    return model.evaluate(state, {"local": data.test}, experiment.training.eval_batch_size, precision)["local"]
 
 
 def aggregate_evaluations(evaluations: Sequence[NodeEvaluation],

@@ -1,0 +1,213 @@
+"""The node's warm worker: the same results as the ClientApp's own, and never a failed round because of it."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from client_app import worker
+from fedra_core.config import experiment_from_dict
+from fedra_core.federated import global_model
+from fedra_core.lora import slice_state
+from fedra_core.task import run_train
+from fedra_core.wire import encode
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAINS = ["clean", "inverted", "sketch"]
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _exited(process: subprocess.Popen) -> bool:
+    return process.poll() is not None
+
+
+def _start(path: Path, parent: int = os.getpid(), idle: float = 300.0) -> subprocess.Popen:
+    command = [sys.executable, "-m", "client_app.worker", "--socket", str(path), "--parent-pid", str(parent),
+               "--idle-seconds", str(idle)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _ready(process: subprocess.Popen, path: Path) -> None:
+    _wait(lambda: path.exists() or _exited(process), 600, "the worker's socket")
+    assert process.poll() is None, "the worker exited before serving"
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """One worker for the tests that leave it running; the last test makes it exit."""
+    path = tmp_path_factory.mktemp("worker") / "w.sock"
+    process = _start(path)
+    try:
+        _ready(process, path)
+        yield process, path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _task(cache: Path, steps: int = 1) -> tuple[dict, dict, dict]:
+    experiment = experiment_from_dict({
+        "seed": 4, "backbone": {"cache": str(cache), "lora": {"rank": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 10},
+        "clients": {"capacities": [3, 2, 1]},
+        "training": {"local_steps": steps, "batch_size": 8, "optimizer": "adamw", "lr": 0.01}})
+    state = global_model(experiment, cache, 10, 6, "cpu").initial_state()
+    arrays = {}
+    for name, array in encode(slice_state(state, [1, 4])).items():
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        arrays[name] = (str(array.dtype), array.shape, buffer.getvalue())
+    config = {"experiment": experiment.to_json(), "layers": [1, 4], "server-round": 2, "wire-dtype": "float32"}
+    return config, arrays, {"partition-id": 1}
+
+
+def test_the_worker_trains_exactly_as_the_clientapp_does(warm: tuple, tiny_vit_cache: Path) -> None:
+    _, path = warm
+    config, arrays, node_config = _task(tiny_vit_cache)
+
+    status, (delta, metrics) = worker.request(path, "train", config, arrays, node_config)
+    status_again, (delta_again, _) = worker.request(path, "train", config, arrays, node_config)
+    local, _ = run_train(config, arrays, node_config)
+
+    assert status == status_again == "ok" and metrics["steps"] == 1
+    assert set(delta) == set(local) and all(np.array_equal(delta[k], local[k]) for k in local)
+    assert all(np.array_equal(delta_again[k], local[k]) for k in local)
+
+
+def test_a_refused_task_fails_in_the_worker_as_it_would_here(warm: tuple, tiny_vit_cache: Path) -> None:
+    _, path = warm
+    config, arrays, node_config = _task(tiny_vit_cache)
+    with pytest.raises(worker.WorkerTaskError, match="TaskRefused: .*holds at most 1"):
+        worker.request(path, "train", config, arrays, {"partition-id": 1, "max-layers": 1})
+
+
+def test_a_worker_with_other_code_says_stale_and_exits(warm: tuple, tiny_vit_cache: Path) -> None:
+    process, path = warm
+    config, arrays, node_config = _task(tiny_vit_cache)
+    status, reason = worker.request(path, "train", config, arrays, node_config, version="other-code")
+    assert status == "stale" and "other-code" in reason
+    process.wait(timeout=60)
+    assert not path.exists()
+
+
+def test_a_busy_worker_sends_tasks_back_and_one_killed_mid_task_raises(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    path = tmp_path / "w.sock"
+    process = _start(path)
+    try:
+        _ready(process, path)
+        long_config, arrays, node_config = _task(tiny_vit_cache, steps=10_000)  # the most a node accepts
+        config, _, _ = _task(tiny_vit_cache)
+        failure: list[BaseException] = []
+
+        def long_task() -> None:
+            try:
+                worker.request(path, "train", long_config, arrays, node_config)
+            except BaseException as err:  # noqa: BLE001 - the test inspects it
+                failure.append(err)
+
+        thread = threading.Thread(target=long_task)
+        thread.start()
+        _wait(lambda: worker.request(path, "ping", {}, {}, {})[1]["busy"], 300, "the long task to start")
+        assert worker.request(path, "train", config, arrays, node_config)[0] == "busy"
+        process.kill()  # mid-task: the ClientApp waiting on it sees the connection break
+        thread.join(timeout=60)
+        assert len(failure) == 1 and isinstance(failure[0], OSError)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def test_the_worker_exits_when_its_supernode_is_gone_or_idle(tmp_path: Path) -> None:
+    parent = subprocess.Popen(["sleep", "5"])
+    orphan, idle = _start(tmp_path / "o.sock", parent=parent.pid), _start(tmp_path / "i.sock", idle=1.0)
+    try:
+        parent.wait()
+        orphan.wait(timeout=600)
+        idle.wait(timeout=600)
+    finally:
+        for process in (orphan, idle):
+            if process.poll() is None:
+                process.kill()
+    assert not (tmp_path / "i.sock").exists() and not (tmp_path / "o.sock").exists()
+
+
+def test_the_socket_folder_is_private() -> None:
+    folder = worker.private_dir()
+    assert folder is not None and folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_outside_a_deployed_clientapp_the_worker_is_off() -> None:
+    assert not worker.enabled({"partition-id": 0})  # pytest is no flwr-clientapp process
+    assert worker.call("query", {}, {}, {"partition-id": 0}) is None
+
+
+# ----------------------------------------------------------------- a real deployment
+def _worker_pids(node_pids: list[int]) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"client_app.worker" in args and any(args[i + 1] == str(p).encode() for p in node_pids
+                                                   for i, a in enumerate(args[:-1]) if a == b"--parent-pid"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_deployed_rounds_use_the_worker_and_survive_its_death(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 3,
+        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 30},
+        "clients": {"capacities": [6, 4, 2]}, "strategy": {"reply_timeout": 300},
+        "training": {"rounds": 3, "local_steps": 1, "batch_size": 16, "optimizer": "adamw", "lr": 0.003}}))
+    workdir, run_dir = tmp_path / "cluster", tmp_path / "out" / "tiny"
+    command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(workdir),
+               "--max-layers", "6,4,2", "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def records() -> list[dict]:
+        path = run_dir / "rounds.jsonl"
+        return [json.loads(line) for line in (path.read_text().split("\n")[:-1] if path.is_file() else [])]
+
+    killed: list[int] = []
+    try:
+        _wait(lambda: len(records()) >= 3 or _exited(launcher), 900, "round 2")
+        nodes = [p for n, p in json.loads((workdir / "pids.json").read_text()).items() if n.startswith("node")]
+        killed = _worker_pids(nodes)
+        for pid in killed:  # round 3 is being trained: its ClientApps find no worker, or lose it
+            os.kill(pid, signal.SIGKILL)
+        assert launcher.wait(timeout=900) == 0
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    done = records()
+    assert [r["round"] for r in done] == [0, 1, 2, 3]
+    assert all(c["status"] == "ok" for r in done[1:] for c in r["clients"])
+    assert len(killed) == 3
+    served = [c["metrics"].get("worker", 0) for c in done[2]["clients"]]
+    assert served == [1, 1, 1]  # round 2: every node's worker was warm
+    _wait(lambda: not _worker_pids(nodes), 60, "the workers to exit with their SuperNodes")
