@@ -48,7 +48,7 @@ ROOT = DEPLOY.parent
 COMPOSE_FILE = DEPLOY / "compose.yml"
 BASE_IMAGE = "localhost/fedra-debian-base:bookworm"
 PROXY_IMAGE = "localhost/fedra-proxy:bookworm"
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"  # unless apt's own sources name another
 APP_UID = 49999  # the image's user (deploy/Dockerfile)
 NODES = {"node-0": 12, "node-1": 6, "node-2": 3}  # as the compose file's --node-config max-layers
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 12, "num_heads": 2, "mlp_ratio": 2.0}
@@ -101,6 +101,18 @@ def image_exists(name: str, env: dict[str, str]) -> bool:
     return run(["podman", "image", "exists", name], env=env, check=False).returncode == 0
 
 
+def debian_mirror() -> str:
+    """The Debian mirror apt uses here (deb822 ``URIs:`` or a one-line ``deb`` entry), for debootstrap."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+        for words in (line.split() for line in lines):
+            uri = next((word for word in words[1:] if "://" in word), "") if words[:1] in (["URIs:"], ["deb"]) else ""
+            if uri.rstrip("/").endswith("/debian"):
+                return uri
+    return DEBIAN_MIRROR
+
+
 def build_base_image(workdir: Path, env: dict[str, str]) -> None:
     """debootstrap minbase bookworm with Python 3.11 and venv, imported as BASE_IMAGE (kept)."""
     if image_exists(BASE_IMAGE, env):
@@ -108,7 +120,7 @@ def build_base_image(workdir: Path, env: dict[str, str]) -> None:
     say(f"building {BASE_IMAGE} with debootstrap")
     rootfs = workdir / "rootfs"
     run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", "bookworm", str(rootfs),
-         DEBIAN_MIRROR])
+         debian_mirror()])
     for folder in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/info"):
         shutil.rmtree(rootfs / folder, ignore_errors=True)
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
