@@ -103,7 +103,10 @@ class StreamedGlobalModel:
     layers : Sequence[int] or None
         Global blocks of the evaluated model, ascending; ``None`` for all.
     batch_size : int
-        Images (tokens) run through a block at once; bounds the activations' memory.
+        Images (tokens) run through a block at once. It bounds the activations, which
+        on a CPU are as large as a few blocks (about 240 MiB at 32 ViT-B/16 images):
+        a node short of memory gives a small one, since blocks are read once whatever
+        it is (``docs/PERFORMANCE.md``).
     """
 
     def __init__(self, cache_dir: Path, num_classes: int, lora: LoraSettings, device: str = "cpu",
@@ -127,6 +130,7 @@ class StreamedGlobalModel:
         """Loss, accuracy and size of every domain's test set under ``state``, as ``GlobalModel.evaluate``.
 
         All test sets go through each block together: every block is read once.
+        ``batch_size`` overrides the constructor's for this call.
         """
         names = list(test_sets)
         logits, labels = self._run(state, [test_sets[n] for n in names], batch_size, precision)
