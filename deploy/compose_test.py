@@ -257,11 +257,11 @@ def online_nodes(compose: Compose) -> int:
 def start(compose: Compose, keys_in_container: Sequence[str]) -> None:
     """SuperLink and proxy; the nodes registered through the Control API in the SuperLink's container; nodes."""
     compose.compose("up", "-d", "--no-build", "proxy")
-    wait_for(lambda: "Uvicorn running on https://" in compose.logs("superlink", 200), "the SuperLink", 180)
+    wait_for(lambda: "Uvicorn running on https://" in compose.logs("superlink", 200), "the SuperLink", 600)
     for name in keys_in_container:
         compose.exec_in("superlink", "flwr", "supernode", "register", f"/keys/{name}.pub", "demo")
     compose.compose("up", "-d", "--no-build")
-    wait_for(lambda: online_nodes(compose) == len(keys_in_container), "3 SuperNodes online", 300)
+    wait_for(lambda: online_nodes(compose) == len(keys_in_container), "3 SuperNodes online", 900)
 
 
 def run_experiment(compose: Compose, experiment: str, rounds: int) -> None:
