@@ -71,9 +71,11 @@ def evaluate_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
     if node.own_max_layers is not None and node.own_max_layers < meta.num_layers:
         from fedra_core.streaming import stream_evaluate, without_exits  # DepthFL's exits are not streamed
 
+        # A small node streams at its training batch size: a block's activations then fit
+        # where its training did (blocks are read once whatever the batch).
+        batch = min(experiment.training.eval_batch_size, experiment.training.batch_size)
         result = stream_evaluate(node.backbone_cache, without_exits(state), data.test,
-                                 experiment.backbone.lora, data.num_classes, device,
-                                 experiment.training.eval_batch_size, experiment.seed,
+                                 experiment.backbone.lora, data.num_classes, device, batch, experiment.seed,
                                  baselines.global_layers(experiment, meta.num_layers), precision)
         return {"loss": result.loss, "accuracy": result.accuracy, "num_examples": result.num_examples}
     model = global_model(experiment, node.backbone_cache, data.num_classes, meta.num_layers, device)

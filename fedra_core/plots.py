@@ -22,8 +22,10 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path, title: str = ""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     evaluated = [r for r in records if r.get("accuracy")]
     rounds = [r["round"] for r in evaluated]
-    for domain in (evaluated[0]["accuracy"] if evaluated else {}):
-        ax.plot(rounds, [100 * r["accuracy"][domain] for r in evaluated], lw=1, alpha=0.6, label=domain)
+    # A domain can miss a round when its nodes evaluate and all of them failed (evaluation.mode clients).
+    for domain in dict.fromkeys(d for r in evaluated for d in r["accuracy"]):
+        ax.plot(rounds, [100 * r["accuracy"].get(domain, np.nan) for r in evaluated], lw=1, alpha=0.6,
+                label=domain)
     ax.plot(rounds, [100 * r["mean_accuracy"] for r in evaluated], "k-", lw=2.5, label="mean")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy of the global model (%)")

@@ -191,15 +191,16 @@ def results_table(records: list[dict[str, Any]]) -> str:
     evaluated = [r for r in records if r.get("accuracy")]
     if not evaluated:
         return "(no evaluated round)"
-    domains = list(evaluated[0]["accuracy"])
+    domains = list(dict.fromkeys(d for r in evaluated for d in r["accuracy"]))
     header = "| | " + " | ".join(domains) + " | mean |\n|---|" + "---|" * (len(domains) + 1)
     lines = [header]
     for record in (evaluated[0], evaluated[-1]):
         label = "untuned (round 0)" if record["round"] == 0 else f"round {record['round']}"
-        cells = " | ".join(f"{100 * record['accuracy'][d]:.1f}" for d in domains)
+        cells = " | ".join(f"{100 * record['accuracy'][d]:.1f}" if d in record["accuracy"] else "–" for d in domains)
         lines.append(f"| {label} | {cells} | **{100 * record['mean_accuracy']:.1f}** |")
         if record.get("ensemble_accuracy"):
-            cells = " | ".join(f"{100 * record['ensemble_accuracy'][d]:.1f}" for d in domains)
+            ensemble = record["ensemble_accuracy"]
+            cells = " | ".join(f"{100 * ensemble[d]:.1f}" if d in ensemble else "–" for d in domains)
             lines.append(f"| {label}, ensemble | {cells} | **{100 * record['mean_ensemble_accuracy']:.1f}** |")
     return "\n".join(lines)
 

@@ -1,8 +1,11 @@
 """Evaluation where the data lives: nodes score the global model on their own test splits."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +117,78 @@ def test_domain_accuracy_weights_nodes_by_count() -> None:
                                     NodeEvaluation(3, 2, "b", 0.5, 0.5, 20)], [])
     assert record["accuracy"] == {"a": 0.75, "b": 0.5} and record["loss"]["a"] == 1.5
     assert record["mean_accuracy"] == 0.625 and record["weighted_accuracy"] == pytest.approx(40 / 60)
+
+
+# ----------------------------------------------------------------- on a real cluster, no data on the server
+def _write_folder_dataset(root: Path, domains: list[str], classes: int = 2, per_class: int = 10) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for d, domain in enumerate(domains):
+        for c in range(classes):
+            folder = root / domain / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                base = np.full((16, 16, 3), 40 + 160 * c, dtype=np.uint8)
+                noise = rng.integers(0, 40 + 20 * d, size=base.shape, dtype=np.uint8)
+                Image.fromarray(base + noise).save(folder / f"{i}.png")
+
+
+def _node_evaluation_pids(node_pid: int) -> list[int]:
+    """The node's processes that may be evaluating: its worker, ClientApps, SuperExec (its process group)."""
+    group = os.getpgid(node_pid)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == group:
+                    pids.append(int(entry.name))
+            except ProcessLookupError:
+                continue
+    return pids
+
+
+def test_a_cluster_whose_server_has_no_data_is_evaluated_by_its_nodes(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    data = tmp_path / "node-data"  # only the nodes are given it
+    _write_folder_dataset(data, DOMAINS)
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump({
+        "name": "tiny", "seed": 2,
+        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "folder", "root": str(tmp_path / "not-on-the-server"), "domains": DOMAINS,
+                 "num_classes": 2},
+        "clients": {"capacities": [6, 4, 2]}, "strategy": {"reply_timeout": 300},
+        "training": {"rounds": 2, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003},
+        "evaluation": {"mode": "clients"}}))
+    workdir, run_dir = tmp_path / "cluster", tmp_path / "out" / "tiny"
+    command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(workdir),
+               "--max-layers", "6,4,2", "--node-config", f"data-root='{data}'",
+               "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+    log = tmp_path / "launcher.log"
+    with open(log, "wb") as out:
+        launcher = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while "evaluate the global model of round 2" not in log.read_text(errors="replace"):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        node = json.loads((workdir / "pids.json").read_text())["node-2"]
+        for pid in _node_evaluation_pids(node):  # node 2 dies while it evaluates round 2
+            os.kill(pid, signal.SIGKILL)
+        assert launcher.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for record in records:
+        assert record["evaluated_by"] == "clients" and set(record["accuracy"]) <= set(DOMAINS)
+    for record in records[:2]:  # every node evaluated, node 2 (2 of 6 blocks) by streaming the model
+        assert sorted(n["partition_id"] for n in record["client_eval"]["nodes"]) == [0, 1, 2]
+        assert set(record["accuracy"]) == set(DOMAINS)
+    last = records[2]["client_eval"]
+    assert sorted(n["partition_id"] for n in last["nodes"]) == [0, 1]
+    assert [f["partition_id"] for f in last["failures"]] == [2]
+    assert (run_dir / "adapters.safetensors").is_file()
