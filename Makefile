@@ -20,12 +20,14 @@ setup: $(STAMP)
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python deploy/simulate.py $(if $(RUN_CONFIG),-c "$(RUN_CONFIG)")
 
-# The deployment tests need openssl, ssh-keygen and a compose validator (Debian's docker-compose v1).
+# The deployment tests need openssl, ssh-keygen, a compose validator (Debian's docker-compose v1)
+# and nginx (the Fleet API proxy; Debian puts it in /usr/sbin, outside a user's PATH).
 # The Compose demo's test (tests/test_compose.py) runs containers with podman, runc, debootstrap, podman-compose.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-tools:
-	@command -v openssl >/dev/null && command -v ssh-keygen >/dev/null && command -v docker-compose >/dev/null || \
-	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl openssh-client docker-compose >/dev/null; }
+	@command -v openssl >/dev/null && command -v ssh-keygen >/dev/null && command -v docker-compose >/dev/null && \
+	  { command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl openssh-client docker-compose nginx >/dev/null; }
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null && \
 	  command -v podman-compose >/dev/null || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq podman runc debootstrap podman-compose >/dev/null; }

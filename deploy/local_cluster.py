@@ -1,45 +1,85 @@
-"""Start a SuperLink and N SuperNodes on this host (TLS and authentication on), run the app, stop them.
+"""Start a SuperLink, a TLS proxy for its Fleet API and N SuperNodes on this host, run the app, stop them.
 
 The same steps a deployment on real machines takes, shown on one host:
 
 1. ``deploy/make_certs.sh``: a CA and a SuperLink certificate for 127.0.0.1/localhost;
    ``deploy/make_keys.sh``: one authentication key pair per SuperNode.
-2. ``flower-superlink`` with ``--ssl-*``, ``--enable-supernode-auth`` and
-   ``--disable-runtime-dependency-installation``.
-3. ``flwr supernode register <node>.pub cluster`` for every node.
-4. ``flower-supernode --root-certificates ca.crt --auth-supernode-private-key <node>
-   --node-config "partition-id=i num-partitions=N max-layers=k ..."`` per node.
-5. ``flwr run . cluster --stream``.
+2. ``flower-superlink`` on 127.0.0.1 only, with ``--ssl-*``, ``--enable-supernode-auth``
+   and ``--disable-runtime-dependency-installation``. It serves the Fleet, Control and
+   Runtime APIs on that one port, the Control API without authentication.
+3. nginx (``deploy/nginx/``): TLS for the SuperNodes on the proxy's port, forwarding
+   the Fleet API's routes alone to the SuperLink (whose certificate it verifies) and
+   refusing everything else, the Control API above all.
+4. ``flwr supernode register <node>.pub cluster`` for every node (Control API, loopback).
+5. ``flower-supernode --superlink <proxy> --root-certificates ca.crt
+   --auth-supernode-private-key <node> --node-config "partition-id=i num-partitions=N
+   max-layers=k ..."`` per node; the launcher waits until every node is online at the
+   SuperLink and stops, naming the node and its log's last words, if one exits first.
+6. ``flwr run . cluster --stream``; the run's final status is read back from the
+   SuperLink and printed in one line, the cause of a failure included.
 
-Everything lives in ``--workdir`` (its own ``FLWR_HOME``, credentials, logs, and
-``pids.json``), every port is free, and every process started here (with the SuperExec
-sessions those started) is stopped by PID, process group by process group, when the
-run ends, fails, or the launcher gets SIGINT/SIGTERM.
+Before any of it, ``fedra_core.preflight`` checks what can be checked here (the
+experiment, the backbone, the data, capacities and ``--max-layers`` against depth,
+``--node-config``); a problem stops the launcher with one line and exit code 2.
+
+Everything lives in ``--workdir`` (its own ``FLWR_HOME``, credentials, the proxy's
+generated configuration, logs, ``pids.json``), every port is free, and every process
+started here (with the SuperExec sessions those started) is stopped by PID, process
+group by process group, when the run ends, fails, or the launcher gets SIGINT, SIGTERM
+or SIGHUP (the terminal closed).
 
     python deploy/local_cluster.py                               # 3 nodes holding 12, 6, 3 blocks
-    python deploy/local_cluster.py --max-layers 12,8,4,3 -c "experiment='configs/default.yaml'"
+    python deploy/local_cluster.py --max-layers 12,8,4,3 -c "experiment='configs/x.yaml'"
+
+Exit codes: 0 completed, 1 the run or a SuperNode failed, 2 stopped before starting
+anything, 130 interrupted.
 """
 
 import argparse
+import grp
 import json
 import os
+import pwd
+import re
 import shlex
-import signal
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 sys.path.insert(0, str(DEPLOY))
 
-from simulate import free_port, stop, superexec_pids  # noqa: E402
+from simulate import (  # noqa: E402
+    FLWR,
+    free_port,
+    ignore_signals,
+    log_cause,
+    one_line,
+    outcome,
+    say,
+    stop,
+    stop_on_signals,
+    stream_flwr_run,
+    superexec_pids,
+    tail,
+)
+
+from fedra_core.config import NODE_CONFIG_KEYS  # noqa: E402
+from fedra_core.preflight import PreflightError, check_run, parse_run_config  # noqa: E402
 
 CONNECTION = "cluster"
 DEFAULT_EXPERIMENT = "deploy/cluster.yaml"
+NGINX_TEMPLATES = DEPLOY / "nginx"
+SUPERLINK_NAME = "localhost"  # a name in the SuperLink's certificate, by which the proxy verifies it
+
+
+class NodeFailed(RuntimeError):
+    """A SuperNode exited, or never came online; the message names it and its log's last words."""
 
 
 def tool_env(flwr_home: Path) -> dict[str, str]:
@@ -64,7 +104,7 @@ def node_env(env: dict[str, str], num_nodes: int) -> dict[str, str]:
 def make_credentials(workdir: Path, node_names: Sequence[str]) -> tuple[Path, Path]:
     """CA + server certificate for the loopback addresses, and a key pair per node name."""
     certs, keys = workdir / "certs", workdir / "keys"
-    subprocess.run(["bash", str(DEPLOY / "make_certs.sh"), str(certs), "127.0.0.1", "localhost"],
+    subprocess.run(["bash", str(DEPLOY / "make_certs.sh"), str(certs), "127.0.0.1", SUPERLINK_NAME],
                    check=True, capture_output=True)
     subprocess.run(["bash", str(DEPLOY / "make_keys.sh"), str(keys), *node_names], check=True, capture_output=True)
     return certs, keys
@@ -87,7 +127,7 @@ def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess
 
 
 def start_superlink(workdir: Path, port: int, certs: Path, env: dict[str, str]) -> subprocess.Popen:
-    """``flower-superlink`` on 127.0.0.1:port, TLS and SuperNode authentication on."""
+    """``flower-superlink`` on 127.0.0.1:port only, TLS and SuperNode authentication on."""
     command = ["flower-superlink", "--host", "127.0.0.1", "--port", str(port),
                "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
                "--ssl-ca-certfile", str(certs / "ca.crt"), "--enable-supernode-auth",
@@ -95,25 +135,82 @@ def start_superlink(workdir: Path, port: int, certs: Path, env: dict[str, str]) 
     return spawn(command, workdir / "logs" / "superlink.log", env)
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0, log: Path | None = None) -> None:
     """Return once 127.0.0.1:port accepts connections; raise if ``process`` dies or time runs out."""
     deadline = time.monotonic() + timeout
+    name = Path(str(process.args[0])).name
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode} before listening")
+            said = f": {log_cause(tail(log))}" if log else ""
+            raise RuntimeError(f"{name} exited with code {process.returncode} before listening{said}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+    raise RuntimeError(f"{name}: nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
+
+# ---------------------------------------------------------------- the Fleet API proxy
+
+def find_nginx() -> str | None:
+    """The nginx binary (Debian's lies in /usr/sbin, outside an ordinary user's PATH)."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+
+
+def render(template: Path, values: Mapping[str, object]) -> str:
+    """``template`` with every ``@KEY@`` replaced; a placeholder left unfilled is an error."""
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    left = sorted(set(re.findall(r"@[A-Z_]+@", text)))
+    if left:
+        raise ValueError(f"{template}: no value for {', '.join(left)}")
+    return text
+
+
+def write_proxy_config(workdir: Path, listen: str, superlink: str, certs: Path) -> Path:
+    """This run's nginx configuration in ``workdir/nginx``: the Fleet API proxy, run as this user.
+
+    ``deploy/nginx/fleet-proxy.conf`` (the part a host's nginx includes) with this run's
+    addresses and certificates, inside ``deploy/nginx/standalone.conf`` (pid file, logs
+    and temporary files in the workdir, so no root and no system path is needed).
+    """
+    folder = workdir / "nginx"
+    (folder / "tmp").mkdir(parents=True, exist_ok=True)
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    server = render(NGINX_TEMPLATES / "fleet-proxy.conf", {
+        "LISTEN": listen, "CERTIFICATE": certs / "server.crt", "CERTIFICATE_KEY": certs / "server.key",
+        "SUPERLINK": superlink, "SUPERLINK_NAME": SUPERLINK_NAME, "CA": certs / "ca.crt"})
+    (folder / "fleet-proxy.conf").write_text(server)
+    if os.geteuid() == 0:  # nginx started by root would run its workers as `nobody`
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
+    else:
+        user = "# user: the one who starts nginx (the directive needs root)"
+    main = render(NGINX_TEMPLATES / "standalone.conf", {
+        "USER": user, "PREFIX": folder, "LOGS": workdir / "logs", "SERVER": folder / "fleet-proxy.conf"})
+    (folder / "nginx.conf").write_text(main)
+    return folder / "nginx.conf"
+
+
+def start_proxy(workdir: Path, nginx: str, config: Path, env: dict[str, str]) -> subprocess.Popen:
+    """nginx in the foreground (``daemon off``), as a child of this launcher, stopped with it by PID."""
+    command = [nginx, "-p", str(config.parent), "-c", str(config), "-e", str(workdir / "logs" / "proxy-error.log"),
+               "-g", "daemon off;"]
+    return spawn(command, workdir / "logs" / "proxy.log", env)
+
+
+# ---------------------------------------------------------------- SuperNodes
 
 def register(public_key: Path, env: dict[str, str], connection: str = CONNECTION) -> None:
     """``flwr supernode register``: the SuperLink will accept the node holding the private key."""
-    result = subprocess.run(["flwr", "supernode", "register", str(public_key), connection],
+    result = subprocess.run([*FLWR, "supernode", "register", str(public_key), connection],
                             env=env, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0 or "registered successfully" not in result.stdout:
-        raise RuntimeError(f"registering {public_key} failed:\n{result.stdout}{result.stderr}")
+        said = log_cause((result.stdout + result.stderr).splitlines())
+        raise RuntimeError(f"registering {public_key} failed: {said}")
 
 
 def node_config(partition_id: int, num_partitions: int, max_layers: int | None, extra: str = "") -> str:
@@ -124,11 +221,26 @@ def node_config(partition_id: int, num_partitions: int, max_layers: int | None, 
     return " ".join(pairs + shlex.split(extra, posix=False))
 
 
-def start_supernode(workdir: Path, name: str, superlink_port: int, config: str, env: dict[str, str],
+def check_node_config(extra: str) -> dict[str, object]:
+    """``--node-config`` as flower-supernode parses it, naming only keys a node knows; its pairs."""
+    try:
+        pairs = parse_run_config(extra)
+    except PreflightError as err:
+        raise PreflightError(str(err).replace("--run-config", "--node-config", 1)) from None
+    unknown = sorted(set(pairs) - set(NODE_CONFIG_KEYS))
+    if unknown:
+        raise PreflightError(f"--node-config: unknown key {unknown[0]!r}; a node knows {list(NODE_CONFIG_KEYS)}")
+    return pairs
+
+
+def start_supernode(workdir: Path, name: str, superlink: int | str, config: str, env: dict[str, str],
                     ca_cert: Path | None, private_key: Path | None) -> subprocess.Popen:
-    """``flower-supernode`` with its own free runtime port; no CA or key when given None."""
-    command = ["flower-supernode", "--superlink", f"127.0.0.1:{superlink_port}", "--port", str(free_port()),
-               "--node-config", config]
+    """``flower-supernode`` with its own free runtime port; no CA or key when given None.
+
+    ``superlink`` is the Fleet API's address (the proxy's), or a port on 127.0.0.1.
+    """
+    address = f"127.0.0.1:{superlink}" if isinstance(superlink, int) else superlink
+    command = ["flower-supernode", "--superlink", address, "--port", str(free_port()), "--node-config", config]
     if ca_cert is not None:
         command += ["--root-certificates", str(ca_cert)]
     if private_key is not None:
@@ -136,13 +248,50 @@ def start_supernode(workdir: Path, name: str, superlink_port: int, config: str, 
     return spawn(command, workdir / "logs" / f"{name}.log", env)
 
 
-def run_app(run_config: str, env: dict[str, str], connection: str = CONNECTION) -> int:
-    """``flwr run <app> <connection> --stream``; its log goes to this process's stdout."""
-    command = ["flwr", "run", str(ROOT), connection, "--stream"]
+def node_failure(name: str, process: subprocess.Popen, workdir: Path) -> str:
+    """One line: the node, how it ended, the informative end of its log."""
+    return (f"SuperNode {name} exited with code {process.returncode}: "
+            f"{log_cause(tail(workdir / 'logs' / f'{name}.log'))} (log {workdir / 'logs' / name}.log)")
+
+
+def online_nodes(env: dict[str, str], connection: str = CONNECTION) -> int:
+    """How many SuperNodes the SuperLink shows online (``flwr supernode list --format json``)."""
+    result = subprocess.run([*FLWR, "supernode", "list", connection, "--format", "json"],
+                            env=env, cwd=ROOT, capture_output=True, text=True)
+    try:
+        return sum(node.get("status") == "online" for node in json.loads(result.stdout)["nodes"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+def wait_for_nodes(nodes: Mapping[str, subprocess.Popen], workdir: Path, env: dict[str, str],
+                   timeout: float = 180.0) -> None:
+    """Return once every node is online at the SuperLink; raise ``NodeFailed`` if one exits first.
+
+    A node that cannot start (a wrong certificate or key, a ``--node-config`` it cannot
+    parse, a port taken) exits within seconds, and the run would otherwise wait for it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        for name, process in nodes.items():
+            if process.poll() is not None:
+                raise NodeFailed(node_failure(name, process, workdir))
+        if online_nodes(env) >= len(nodes):
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(nodes)
+            raise NodeFailed(f"not every SuperNode ({names}) came online within {timeout:.0f} s; "
+                             f"their logs are in {workdir / 'logs'}")
+        time.sleep(0.5)
+
+
+def run_app(run_config: str, env: dict[str, str], connection: str = CONNECTION) -> tuple[int, str]:
+    """``flwr run <app> <connection> --stream``, its log to this process's stdout; exit code and final line."""
+    command = ["run", str(ROOT), connection, "--stream"]
     if run_config:
         command += ["--run-config", run_config]
-    print(f"FLWR_HOME={env['FLWR_HOME']} {shlex.join(command)}", flush=True)
-    return subprocess.call(command, env=env, cwd=ROOT)
+    say(f"FLWR_HOME={env['FLWR_HOME']} flwr {shlex.join(command)}")
+    return outcome(stream_flwr_run([*FLWR, *command], env), connection, env)
 
 
 def stop_processes(processes: dict[str, subprocess.Popen]) -> None:
@@ -150,7 +299,8 @@ def stop_processes(processes: dict[str, subprocess.Popen]) -> None:
 
     The SuperLink starts its ``flower-superexec`` (``--parent-pid``) in a session of
     its own, and that session runs the ServerApp: stopping the SuperLink alone would
-    leave the run going. A SuperNode's runtime shares its process group.
+    leave the run going. A SuperNode's runtime shares its process group, nginx's
+    workers their master's.
     """
     order = [name for name in processes if name != "superlink"] + ["superlink"]
     pids = [processes[name].pid for name in order if name in processes]
@@ -160,10 +310,6 @@ def stop_processes(processes: dict[str, subprocess.Popen]) -> None:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def parse_max_layers(text: str) -> list[int | None]:
@@ -180,8 +326,55 @@ def parse_max_layers(text: str) -> list[int | None]:
     return values
 
 
+def preflight(args: argparse.Namespace) -> str | None:
+    """Everything checked before a process starts; returns the nginx binary (None without the proxy)."""
+    node_config = check_node_config(args.node_config)
+    experiment = check_run(ROOT, parse_run_config(args.run_config), args.max_layers, node_config)
+    if len(args.max_layers) != experiment.num_clients:
+        raise PreflightError(f"--max-layers starts {len(args.max_layers)} SuperNodes but the experiment has "
+                             f"{experiment.num_clients} clients (clients.capacities): one node per client")
+    if not args.proxy:
+        return None
+    nginx = find_nginx()
+    if nginx is None:
+        raise PreflightError("nginx is not installed (Debian: apt-get install nginx); "
+                             "--no-proxy connects the nodes to the SuperLink directly")
+    return nginx
+
+
+def start_cluster(workdir: Path, args: argparse.Namespace, nginx: str | None, env: dict[str, str],
+                  processes: dict[str, subprocess.Popen]) -> dict[str, subprocess.Popen]:
+    """Credentials, the SuperLink, the proxy (unless ``nginx`` is None), registered SuperNodes.
+
+    Every process goes into ``processes`` as soon as it exists (the caller stops them);
+    returns the SuperNodes by name.
+    """
+    names = [f"node-{i}" for i in range(len(args.max_layers))]
+    certs, keys = make_credentials(workdir, names)
+    port = free_port()
+    write_connection(workdir / "flwr-home", f"127.0.0.1:{port}", certs / "ca.crt")
+    processes["superlink"] = start_superlink(workdir, port, certs, env)
+    wait_for_port(port, processes["superlink"], log=workdir / "logs" / "superlink.log")
+    fleet = f"127.0.0.1:{port}"
+    if nginx is not None:
+        fleet = f"127.0.0.1:{free_port()}"
+        config = write_proxy_config(workdir, fleet, f"127.0.0.1:{port}", certs)
+        processes["proxy"] = start_proxy(workdir, nginx, config, env)
+        wait_for_port(int(fleet.rsplit(":", 1)[1]), processes["proxy"], log=workdir / "logs" / "proxy-error.log")
+        say(f"Fleet API for the SuperNodes: https://{fleet} (nginx, {config}); "
+            f"SuperLink (Control API) on 127.0.0.1:{port} only")
+    for i, (name, capacity) in enumerate(zip(names, args.max_layers)):
+        register(keys / f"{name}.pub", env)
+        config_text = node_config(i, len(names), capacity, args.node_config)
+        processes[name] = start_supernode(workdir, name, fleet, config_text, node_env(env, len(names)),
+                                          certs / "ca.crt", keys / name)
+        say(f"{name}: --node-config \"{config_text}\" (log {workdir / 'logs' / name}.log)")
+    (workdir / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}, indent=1))
+    return {name: processes[name] for name in names}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Start the cluster, run the app against it, stop everything; return flwr's exit code."""
+    """Check, start the cluster, run the app against it, stop everything; return the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-layers", type=parse_max_layers, default=parse_max_layers("12,6,3"),
                         help="capacity of each SuperNode, comma-separated (one node per entry)")
@@ -190,33 +383,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--run-config", default=f"experiment='{DEFAULT_EXPERIMENT}'",
                         help="Flower run-config overrides")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cluster",
-                        help="FLWR_HOME, credentials, logs and pids.json of this cluster")
+                        help="FLWR_HOME, credentials, proxy configuration, logs and pids.json of this cluster")
+    parser.add_argument("--no-proxy", dest="proxy", action="store_false",
+                        help="no nginx: the SuperNodes connect to the SuperLink's own port (all its APIs)")
     args = parser.parse_args(argv)
+    stop_on_signals()
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        nginx = preflight(args)
+    except PreflightError as err:
+        say(f"local_cluster.py: {one_line(str(err))}", error=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
     workdir = args.workdir.resolve()
     env = tool_env(workdir / "flwr-home")
-    names = [f"node-{i}" for i in range(len(args.max_layers))]
     processes: dict[str, subprocess.Popen] = {}
     try:
-        certs, keys = make_credentials(workdir, names)
-        port = free_port()
-        write_connection(workdir / "flwr-home", f"127.0.0.1:{port}", certs / "ca.crt")
-        processes["superlink"] = start_superlink(workdir, port, certs, env)
-        wait_for_port(port, processes["superlink"])
-        for i, (name, capacity) in enumerate(zip(names, args.max_layers)):
-            register(keys / f"{name}.pub", env)
-            config = node_config(i, len(names), capacity, args.node_config)
-            processes[name] = start_supernode(workdir, name, port, config, node_env(env, len(names)),
-                                              certs / "ca.crt", keys / name)
-            print(f"{name}: --node-config \"{config}\" (log {workdir / 'logs' / name}.log)", flush=True)
-        (workdir / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}, indent=1))
-        return run_app(args.run_config, env)
+        nodes = start_cluster(workdir, args, nginx, env, processes)
+        wait_for_nodes(nodes, workdir, env)
+        code, line = run_app(args.run_config, env)
+        gone = [node_failure(n, p, workdir) for n, p in nodes.items() if p.poll() is not None]
+        if gone:
+            say("SuperNodes that exited during the run: " + "; ".join(gone), error=True)
+    except subprocess.CalledProcessError as err:
+        code, line = 1, f"{shlex.join(map(str, err.cmd))} failed: {one_line((err.stderr or b'').decode())}"
+    except RuntimeError as err:  # NodeFailed, a server that did not start, a registration refused
+        code, line = 1, one_line(str(err))
     except KeyboardInterrupt:
-        print("interrupted: stopping the cluster", file=sys.stderr, flush=True)
-        return 130
+        code, line = 130, "interrupted: stopped the cluster"
     finally:
+        ignore_signals()
         stop_processes(processes)
+    say(f"local_cluster.py: {line}", error=code != 0)
+    return code
 
 
 if __name__ == "__main__":

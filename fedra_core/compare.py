@@ -7,6 +7,11 @@ through ``deploy/simulate.py`` (a real Flower simulation), skips runs already fi
 resumes interrupted ones from their checkpoint, and writes ``results.md``,
 ``accuracy.png`` and ``participation.png`` into ``--out``.
 ``python -m fedra_core.compare report RUN_DIR ... --out DIR`` only reads finished runs.
+
+Before the first run, the base experiment is checked (``fedra_core.preflight``: backbone,
+data, capacities). The command exits 0 once every run finished, 2 when an experiment
+cannot run (nothing started), 1 when a run failed (the rest are not started), 130 when
+interrupted; it ends with one line naming the problem.
 """
 
 import argparse
@@ -27,11 +32,16 @@ import yaml
 
 from fedra_core.config import METHODS, load_experiment
 from fedra_core.plots import _pyplot
+from fedra_core.preflight import PreflightError, check_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATE = ROOT / "deploy" / "simulate.py"
 LAST_ROUNDS = 5  # the table's second mean: over the last rounds, less noisy than the final round alone
 _ROUND_LINE = re.compile(r"round (\d+)/(\d+) \| mean accuracy ([\d.]+)%")
+
+
+class RunFailed(RuntimeError):
+    """A run of the comparison failed; the message names it and its cause in one line."""
 
 
 @dataclass(frozen=True)
@@ -95,19 +105,23 @@ def simulate(experiment_file: Path, out: Path, run_name: str, rounds_before: int
     """Run one experiment through ``deploy/simulate.py``, showing progress; return its wall seconds.
 
     With ``resume`` the run continues from its checkpoint. If this process is
-    interrupted (Ctrl-C, SIGTERM), the simulation is stopped too, which stops its
-    SuperLink; the run's checkpoint stays for the next call to resume from.
+    interrupted (Ctrl-C, SIGTERM, SIGHUP), the simulation is stopped too, which stops
+    its SuperLink; the run's checkpoint stays for the next call to resume from. A run
+    that does not complete raises ``RunFailed`` with the launcher's last line, which
+    states the run's final status and its cause.
     """
     run_config = f"experiment='{experiment_file}' output-dir='{out / 'runs'}' run-name='{run_name}'"
     command = [sys.executable, str(SIMULATE), "--flwr-home", str(out / ".flwr-home"), "-c",
                run_config + (" resume=true" if resume else "")]
     start = time.perf_counter()
+    last = ""
     with open(log_file, "a" if resume else "w", buffering=1) as log, subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) as proc:
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
                 log.write(line)
+                last = line.strip() or last
                 match = _ROUND_LINE.search(line)
                 if match:
                     _progress(rounds_before + int(match.group(1)), rounds_total,
@@ -122,7 +136,7 @@ def simulate(experiment_file: Path, out: Path, run_name: str, rounds_before: int
             raise
         code = proc.wait()
     if code != 0:
-        raise RuntimeError(f"{run_name} failed (exit code {code}); see {log_file}")
+        raise RunFailed(f"{run_name} failed: {last or f'exit code {code}'} (log {log_file})")
     return time.perf_counter() - start
 
 
@@ -156,6 +170,10 @@ def run_all(base: Path, methods: Sequence[str], seeds: Sequence[int], out: Path,
     for sub in ("configs", "runs", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     base_experiment = load_experiment(base, overrides)
+    try:  # the runs differ in method, seed and name only: one check covers them all
+        check_experiment(base_experiment)
+    except PreflightError as err:
+        raise PreflightError(f"{base}: {err}") from None
     rounds = base_experiment.training.rounds
     plan = [(m, s) for m in methods for s in seeds]
     paths = []
@@ -320,8 +338,14 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``run`` (simulate, then report) or ``report`` (finished runs only)."""
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (the terminal closed) interrupt as Ctrl-C does: the running simulation stops."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``run`` (simulate, then report) or ``report`` (finished runs only); the exit code."""
     parser = argparse.ArgumentParser(prog="python -m fedra_core.compare", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run method x seed through Flower simulation, then report")
@@ -337,15 +361,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--title", default="")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    if args.command == "run":
-        out = args.out.resolve()
-        paths = run_all(args.base.resolve(), args.methods, args.seeds, out, dict(args.overrides))
-    else:
-        out, paths = args.out.resolve(), args.runs
-    print(report(paths, out, args.title))
+    _stop_on_signals()
+    try:
+        if args.command == "run":
+            out = args.out.resolve()
+            paths = run_all(args.base.resolve(), args.methods, args.seeds, out, dict(args.overrides))
+        else:
+            out, paths = args.out.resolve(), args.runs
+        print(report(paths, out, args.title))
+    except ValueError as err:  # PreflightError, ConfigError, an unknown method: nothing was run
+        return _fail(2, str(err))
+    except (RunFailed, FileNotFoundError) as err:  # a run failed, or a folder is no finished run
+        return _fail(1, str(err))
+    except KeyboardInterrupt:
+        return _fail(130, "interrupted: the simulation was stopped; `run` again resumes it")
     print(f"wrote {out / 'results.md'}, {out / 'accuracy.png'}, {out / 'participation.png'}")
+    return 0
+
+
+def _fail(code: int, message: str) -> int:
+    """The comparison's last line: what went wrong, on one line."""
+    sys.stderr.write("\n")  # end the progress bar's line
+    print(f"compare: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from fedra_core import compare
+from launched import processes_with_flwr_home
 
 DOMAINS = ["clean", "sketch"]
 
@@ -130,18 +131,23 @@ def test_run_simulates_each_method_then_reports(tmp_path: Path, tiny_vit_cache: 
     assert again == paths[:1]
 
 
-def _processes_with_flwr_home(flwr_home: Path) -> list[int]:
-    """PIDs whose environment has this FLWR_HOME: the SuperLink and runtimes a simulation started."""
-    wanted = f"FLWR_HOME={flwr_home}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+def test_comparison_names_the_failed_run_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture, tiny_vit_cache: Path) -> None:
+    fake = tmp_path / "simulate.py"  # stands for deploy/simulate.py ending a run that failed
+    fake.write_text("import sys\nprint('round 0 ...')\nprint('simulate.py: run 7 finished:failed: "
+                    "ConfigError: resume: no checkpoint', file=sys.stderr)\nsys.exit(1)\n")
+    monkeypatch.setattr(compare, "SIMULATE", fake)
+    monkeypatch.setattr(compare, "_stop_on_signals", lambda: None)  # pytest keeps its own handlers
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump({"name": "tiny", "backbone": {"cache": str(tiny_vit_cache)},
+                                    "data": {"domains": ["clean", "sketch"]}, "clients": {"capacities": [2, 1]}}))
+
+    code = compare.main(["run", "--base", str(base), "--methods", "fedra", "--out", str(tmp_path / "cmp")])
+
+    assert code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"compare: tiny-fedra-s0 failed: simulate.py: run 7 finished:failed: ConfigError: resume: "
+                    f"no checkpoint (log {tmp_path / 'cmp' / 'logs' / 'tiny-fedra-s0.log'})")
 
 
 def test_interrupted_comparison_stops_its_servers_and_resumes(tmp_path: Path, tiny_vit_cache: Path) -> None:
@@ -157,13 +163,13 @@ def test_interrupted_comparison_stops_its_servers_and_resumes(tmp_path: Path, ti
         while proc.poll() is None and not (run_dir / "checkpoint.safetensors").is_file():
             time.sleep(0.5)
         assert proc.poll() is None, "the comparison ended before it could be interrupted"
-        assert _processes_with_flwr_home(out / ".flwr-home")  # the simulation's SuperLink is up
+        assert processes_with_flwr_home(out / ".flwr-home")  # the simulation's SuperLink is up
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert _processes_with_flwr_home(out / ".flwr-home") == []  # nothing left running
+    assert processes_with_flwr_home(out / ".flwr-home") == []  # nothing left running
     done = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert 1 <= done[-1] < 4 and not (run_dir / "results.md").exists()
 

@@ -1,9 +1,12 @@
-"""Deployment: a SuperLink and SuperNodes on loopback with TLS and authentication, faults, resume, compose."""
+"""Deployment: a SuperLink, its Fleet API proxy and SuperNodes on loopback (TLS, authentication), faults, resume."""
 
+import http.client
 import json
 import os
+import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -25,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
 
 import local_cluster  # noqa: E402
+from launched import leftovers, processes_with_flwr_home  # noqa: E402
 from simulate import running  # noqa: E402
 
 CAPACITIES = [5, 3, 1]  # declared by the nodes; the experiment's own capacities differ on purpose
@@ -119,16 +123,78 @@ def cluster_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], Cluster]]:
 
 
 # --------------------------------------------------------------------------- end to end
-def test_local_cluster_runs_with_tls_and_authentication(tmp_path: Path, tiny_vit_cache: Path) -> None:
+LAUNCHER = str(ROOT / "deploy" / "local_cluster.py")
+
+
+def _https_status(port: int, path: str, ca: Path, method: str = "POST") -> int:
+    """Status of a bare request (empty protobuf body) to 127.0.0.1:port over TLS."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=60,
+                                             context=ssl.create_default_context(cafile=str(ca)))
+    try:
+        connection.request(method, path, body=b"", headers={"content-type": "application/protobuf"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def _option(pid: int, name: str) -> str:
+    """The value of ``--name`` on a running process's command line (empty for a moment after exec)."""
+
+    def args() -> list[str]:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+    _wait(lambda: name in args(), 30, f"{name} on the command line of process {pid}")
+    return args()[args().index(name) + 1]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # not written yet, or being written
+
+
+def test_local_cluster_trains_through_the_proxy_which_refuses_the_control_api(tmp_path: Path,
+                                                                               tiny_vit_cache: Path) -> None:
     experiment = _experiment(tmp_path, tiny_vit_cache)
-    command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(tmp_path / "cluster"),
-               "--max-layers", ",".join(map(str, CAPACITIES)),
+    workdir = tmp_path / "cluster"
+    command = [sys.executable, LAUNCHER, "--workdir", str(workdir), "--max-layers", ",".join(map(str, CAPACITIES)),
                "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+    with open(tmp_path / "launcher.log", "wb") as log:
+        launcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                    start_new_session=True)
+    try:
+        _wait(lambda: _read_json(workdir / "pids.json") is not None or launcher.poll() is not None, 600,
+              "the cluster to start")
+        assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-4000:]
+        pids = _read_json(workdir / "pids.json")
+        ca = workdir / "certs" / "ca.crt"
+        superlink = int(_option(pids["superlink"], "--port"))
+        proxy_config = (workdir / "nginx" / "fleet-proxy.conf").read_text()
+        public = int(re.search(r"listen 127\.0\.0\.1:(\d+) ssl;", proxy_config)[1])
+        # The SuperLink listens on loopback only; every node reaches it through the proxy.
+        assert _option(pids["superlink"], "--host") == "127.0.0.1"
+        assert {_option(pids[f"node-{i}"], "--superlink") for i in range(3)} == {f"127.0.0.1:{public}"}
+        # The Control API answers on the SuperLink's own port, and is refused at the public address.
+        assert _https_status(superlink, "/v1/control/list-runs", ca) == 200
+        for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node",
+                     "/v1/runtime/get-nodes", "/flwr.proto.Control/ListRuns", "/docs"):
+            assert _https_status(public, path, ca) == 403, path
+        assert _https_status(public, "/v1/fleet/pull-messages", ca, method="GET") == 403  # POST only
+        outsider = tmp_path / "outsider"  # holds the CA certificate, as every device does
+        local_cluster.write_connection(outsider, f"127.0.0.1:{public}", ca, name="public")
+        listing = subprocess.run([*local_cluster.FLWR, "ls", "public", "--format", "json"],
+                                 env=local_cluster.tool_env(outsider), capture_output=True, text=True, timeout=120)
+        answer = json.loads(listing.stdout)
+        assert answer["success"] is False and "403 Forbidden" in answer["error-message"], listing.stdout
 
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+        assert launcher.wait(timeout=900) == 0, (tmp_path / "launcher.log").read_text()[-4000:]
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
 
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
+    log = (tmp_path / "launcher.log").read_text()
+    assert re.search(r"local_cluster.py: run \d+ finished:completed\s*$", log), log[-2000:]
     records = _records(tmp_path / "out" / "tiny")
     assert [r["round"] for r in records] == [0, 1, 2], log[-4000:]
     for record in records[1:]:
@@ -137,31 +203,56 @@ def test_local_cluster_runs_with_tls_and_authentication(tmp_path: Path, tiny_vit
         assert declared == held == dict(enumerate(CAPACITIES))
         assert all(c["status"] == "ok" and c["bytes_received"] > 0 for c in record["clients"])
     assert (tmp_path / "out" / "tiny" / "adapters.safetensors").is_file()
-    server_log = (tmp_path / "cluster" / "logs" / "superlink.log").read_text()
-    assert "Uvicorn running on https://" in server_log  # TLS on the one SuperLink port
-    pids = json.loads((tmp_path / "cluster" / "pids.json").read_text())
-    assert len(pids) == 4 and not any(running(pid) for pid in pids.values())
+    assert "Uvicorn running on https://127.0.0.1:" in (workdir / "logs" / "superlink.log").read_text()
+    access = (workdir / "logs" / "proxy-access.log").read_text()
+    assert re.search(r'"POST /v1/fleet/push-messages HTTP/1.1" 200 .*python-httpx', access)  # the nodes' replies
+    assert re.search(r'"POST /v1/control/list-runs HTTP/1.1" 403 .*python-httpx', access)  # flwr ls, refused
+    assert set(pids) == {"superlink", "proxy", "node-0", "node-1", "node-2"}
+    assert leftovers(list(pids.values()), workdir / "flwr-home") == []  # nginx's workers included
 
 
-def test_local_cluster_stops_everything_on_sigterm(tmp_path: Path, tiny_vit_cache: Path) -> None:
+def test_local_cluster_stops_everything_on_sighup(tmp_path: Path, tiny_vit_cache: Path) -> None:
     experiment = _experiment(tmp_path, tiny_vit_cache, rounds=50)
-    pids_file = tmp_path / "cluster" / "pids.json"
-    command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(tmp_path / "cluster"),
+    workdir = tmp_path / "cluster"
+    command = [sys.executable, LAUNCHER, "--workdir", str(workdir),
                "--max-layers", "2,1,1", "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
     launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
                                 start_new_session=True)
     try:
         _wait(lambda: (tmp_path / "out" / "tiny").is_dir(), 600, "the ServerApp to start")
-        pids = list(json.loads(pids_file.read_text()).values())
+        pids = list(json.loads((workdir / "pids.json").read_text()).values())
         runtimes = [child for pid in pids for child in local_cluster.superexec_pids(pid)]
+        assert runtimes and processes_with_flwr_home(workdir / "flwr-home")
 
-        launcher.send_signal(signal.SIGTERM)
+        os.killpg(launcher.pid, signal.SIGHUP)  # the terminal closed: its whole process group gets SIGHUP
 
         assert launcher.wait(timeout=120) == 130
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
-    assert runtimes and not any(running(pid) for pid in pids + runtimes)
+    assert not any(running(pid) for pid in pids + runtimes)
+    assert leftovers(pids + runtimes, workdir / "flwr-home") == []
+
+
+def test_local_cluster_names_a_supernode_that_cannot_start(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache)
+    workdir = tmp_path / "cluster"
+    keys = workdir / "keys"  # node-1's private key does not belong to the public key that gets registered
+    local_cluster.make_credentials(tmp_path / "other", ["node-1"])
+    local_cluster.make_credentials(workdir, ["node-1"])
+    shutil.copy(tmp_path / "other" / "keys" / "node-1", keys / "node-1")
+    command = [sys.executable, LAUNCHER, "--workdir", str(workdir), "--max-layers", "2,1,1", "--no-proxy",
+               "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("local_cluster.py: SuperNode node-1 exited with code ")
+    assert "Failed to activate SuperNode" in last and str(workdir / "logs" / "node-1.log") in last
+    assert not (tmp_path / "out").exists()  # no run was started
+    pids = list(json.loads((workdir / "pids.json").read_text()).values())
+    assert leftovers(pids, workdir / "flwr-home") == []
 
 
 def test_unregistered_node_and_node_without_the_ca_are_refused(cluster_factory: Callable) -> None:
@@ -177,6 +268,13 @@ def test_unregistered_node_and_node_without_the_ca_are_refused(cluster_factory: 
     assert no_ca.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in cluster.log("no-ca")
     _wait(lambda: "SuperNode ID" in cluster.log("member"), 60, "the registered node to join")
     assert member.poll() is None
+    # What the launcher says of each: one line naming the node and the cause from its log.
+    for name, process, cause in (("stranger", stranger, "Failed to activate SuperNode"),
+                                 ("no-ca", no_ca, "CERTIFICATE_VERIFY_FAILED")):
+        line = local_cluster.node_failure(name, process, cluster.workdir)
+        assert line.startswith(f"SuperNode {name} exited with code ") and cause in line and "\n" not in line, line
+    with pytest.raises(local_cluster.NodeFailed, match="SuperNode stranger exited"):
+        local_cluster.wait_for_nodes({"member": member, "stranger": stranger}, cluster.workdir, cluster.env)
 
 
 def test_flwr_without_the_ca_is_refused(cluster_factory: Callable) -> None:
@@ -185,7 +283,7 @@ def test_flwr_without_the_ca_is_refused(cluster_factory: Callable) -> None:
     with_ca = config.read_text()
     config.write_text(with_ca.replace("root-certificates", "# root-certificates"))
 
-    result = subprocess.run(["flwr", "supernode", "register", str(cluster.keys / "member.pub"), "cluster"],
+    result = subprocess.run([*local_cluster.FLWR, "supernode", "register", str(cluster.keys / "member.pub"), "cluster"],
                             env=cluster.env, capture_output=True, text=True, timeout=120)
 
     assert result.returncode != 0 and "registered successfully" not in result.stdout
@@ -205,7 +303,7 @@ def test_killed_supernode_fails_its_round_and_rejoins(cluster_factory: Callable,
         cluster.start_node(name, configs[name])
     experiment = _experiment(tmp_path, tiny_vit_cache, rounds=3, reply_timeout=60, min_clients=2)
     run_dir = tmp_path / "out" / "tiny"
-    command = ["flwr", "run", str(ROOT), "cluster", "--stream", "--run-config",
+    command = [*local_cluster.FLWR, "run", str(ROOT), "cluster", "--stream", "--run-config",
                f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
     with open(tmp_path / "run.log", "wb") as log:
         cluster.processes["flwr-run"] = subprocess.Popen(command, env=cluster.env, stdout=log,

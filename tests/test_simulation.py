@@ -1,8 +1,12 @@
 """A real Flower simulation through the user's entry point (deploy/simulate.py)."""
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,9 @@ from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPACITIES = [6, 5, 4, 3, 2, 1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from launched import processes_with_flwr_home  # noqa: E402
 
 
 def _experiment(tmp_path: Path, cache: Path, **training: object) -> Path:
@@ -38,8 +45,11 @@ def _simulate(tmp_path: Path, run_config: str) -> subprocess.CompletedProcess:
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit_cache: Path) -> tuple[Path, str]:
     tmp_path = tmp_path_factory.mktemp("sim")
     experiment = _experiment(tmp_path, tiny_vit_cache)
+    pyproject = (ROOT / "pyproject.toml").read_text()
     result = _simulate(tmp_path, f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.fullmatch(r"simulate.py: run \d+ finished:completed", result.stdout.strip().splitlines()[-1])
+    assert (ROOT / "pyproject.toml").read_text() == pyproject  # its [tool.flwr.federations] was not migrated
     return tmp_path / "out" / "tiny", result.stdout + result.stderr
 
 
@@ -74,15 +84,49 @@ def test_adapters_cover_every_block_under_global_names(finished_run: tuple[Path,
     assert "round 2/2" in log and "mean accuracy" in log
 
 
-def test_bad_experiment_fails_before_the_first_round(tmp_path: Path, tiny_vit_cache: Path) -> None:
+def test_bad_experiment_fails_before_flower_starts(tmp_path: Path, tiny_vit_cache: Path) -> None:
     experiment = _experiment(tmp_path, tiny_vit_cache)
     values = yaml.safe_load(experiment.read_text())
     values["clients"]["capacities"] = [6, 5, 4, 3, 2, 9]  # the backbone has 6 blocks
     experiment.write_text(yaml.safe_dump(values))
     result = _simulate(tmp_path, f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'")
-    log = result.stdout + result.stderr
-    assert "clients.capacities[5] = 9 is outside 1..6" in log
-    assert not (tmp_path / "out" / "tiny" / "rounds.jsonl").exists()
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"simulate.py: {experiment}: clients.capacities[5] = 9 is outside 1..6 (the backbone has 6 blocks)"
+    assert not (tmp_path / "flwr-home").exists() and not (tmp_path / "out").exists()
+
+
+def test_run_that_fails_in_the_server_app_exits_1_with_its_cause(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache)
+    # Nothing to resume: only the ServerApp can tell, once Flower runs it; `flwr run` itself exits 0.
+    result = _simulate(tmp_path, f"experiment='{experiment}' output-dir='{tmp_path / 'out'}' "
+                                 "run-name='never-ran' resume=true")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"simulate.py: run \d+ finished:failed: ConfigError: resume: .*never-ran.*", last), last
+    assert processes_with_flwr_home(tmp_path / "flwr-home") == []
+
+
+def test_simulation_stops_everything_on_sighup(tmp_path: Path, tiny_vit_cache: Path) -> None:
+    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=50)
+    command = [sys.executable, str(ROOT / "deploy" / "simulate.py"), "--flwr-home", str(tmp_path / "flwr-home"),
+               "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (tmp_path / "out" / "tiny" / "rounds.jsonl").is_file():  # the simulation is under way
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.5)
+        assert processes_with_flwr_home(tmp_path / "flwr-home")  # SuperLink, SuperExec, simulation
+
+        os.killpg(launcher.pid, signal.SIGHUP)  # the terminal closed: its whole process group gets SIGHUP
+
+        assert launcher.wait(timeout=120) == 130
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert processes_with_flwr_home(tmp_path / "flwr-home") == []
 
 
 def test_probe_evaluates_the_finished_run_through_sub_models(finished_run: tuple[Path, str], tmp_path: Path) -> None:

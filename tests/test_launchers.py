@@ -1,0 +1,71 @@
+"""How the launchers (deploy/simulate.py, deploy/local_cluster.py) put a failure into one line.
+
+The logs below are the ends of real ones (colour codes included) from Flower 1.41.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy"))
+
+import simulate  # noqa: E402
+from simulate import FlwrRun, failure_cause, log_cause  # noqa: E402
+
+WRONG_CA = """\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode
+INFO:     Uvicorn running on http://127.0.0.1:59251 (Press CTRL+C to quit)
+\x1b[91mERROR \x1b[0m:     SSL/TLS handshake error detected.
+\x1b[91mERROR \x1b[0m:     Exit Code: 305
+Failed to initialize the connection to the SuperLink.
+[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate (_ssl.c:1006)
+The SuperNode could not establish a connection to the SuperLink.
+
+For more information, visit: <https://flower.ai/docs/framework/1.41/en/ref-exit-codes/305.html>
+INFO:     Shutting down
+INFO:     Finished server process [21738]
+\x1b[92mINFO \x1b[0m:      SuperExec terminated gracefully.
+"""
+
+SERVER_APP_RAISED = """\x1b[91mERROR \x1b[0m:     Simulation raised an exception
+Traceback (most recent call last):
+  File "/x/fedra_core/run.py", line 34, in check_experiment
+    raise ConfigError(f"clients.capacities[{client}] = {capacity} is outside 1..{meta.num_layers} "
+fedra_core.config.ConfigError: clients.capacities[5] = 9 is outside 1..6 (the backbone has 6 blocks)
+\x1b[91mERROR \x1b[0m:     Exit Code: 700
+An unhandled exception occurred when running the simulation.
+
+For more information, visit: <https://flower.ai/docs/framework/1.41/en/ref-exit-codes/700.html>
+"""
+
+
+def test_a_flower_error_block_is_the_cause_not_the_shutdown_lines() -> None:
+    assert log_cause(WRONG_CA.splitlines()) == (
+        "SSL/TLS handshake error detected. | Exit Code: 305 | Failed to initialize the connection to the "
+        "SuperLink. | [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer "
+        "certificate (_ssl.c:1006)")
+
+
+def test_an_exception_is_the_cause_not_flowers_exit_code_summary() -> None:
+    assert log_cause(SERVER_APP_RAISED.splitlines()) == (
+        "fedra_core.config.ConfigError: clients.capacities[5] = 9 is outside 1..6 (the backbone has 6 blocks)")
+    assert log_cause([]) == "(empty log)"
+
+
+def test_a_failed_run_is_named_by_flowers_details_and_the_exception_type() -> None:
+    details = "Simulation failed with exception: clients.capacities[5] = 9 is outside 1..6 (the backbone has 6 blocks)"
+
+    assert failure_cause(details, SERVER_APP_RAISED.splitlines()) == (
+        "ConfigError: clients.capacities[5] = 9 is outside 1..6 (the backbone has 6 blocks)")
+    assert failure_cause("ServerApp failed with exception: multi\nline", []) == "multi line"
+    assert failure_cause("", WRONG_CA.splitlines()).startswith("SSL/TLS handshake error detected.")
+
+
+def test_outcome_trusts_the_run_status_not_the_exit_code(monkeypatch) -> None:
+    statuses = {1: ("finished:completed", ""), 2: ("finished:failed", "ServerApp failed with exception: boom")}
+    monkeypatch.setattr(simulate, "run_status", lambda connection, run_id, env: statuses[run_id])
+
+    assert simulate.outcome(FlwrRun(code=0, run_id=1), "local", {}) == (0, "run 1 finished:completed")
+    assert simulate.outcome(FlwrRun(code=0, run_id=2), "local", {}) == (1, "run 2 finished:failed: boom")
+    no_run = FlwrRun(code=1, run_id=None)
+    no_run.lines.extend(["Using SuperLink: local", "\x1b[91mERROR \x1b[0m:     Connection refused"])
+    assert simulate.outcome(no_run, "local", {}) == (1, "flwr run started no run: Connection refused")
