@@ -7,14 +7,20 @@ floating-point tensors, so on receipt a ``uint16`` array always means bfloat16.
 
 from collections.abc import Mapping, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 WIRE_DTYPES = ("float32", "bfloat16")
 
 
-def encode(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32") -> dict[str, np.ndarray]:
+def encode(state: Mapping[str, "torch.Tensor"], wire_dtype: str = "float32") -> dict[str, np.ndarray]:
     """NumPy arrays to send for ``state``, in ``wire_dtype``."""
+    import torch  # here, not at import: a ClientApp whose warm worker trains never loads torch
+
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire dtype {wire_dtype!r} is not one of {WIRE_DTYPES}")
     out = {}
@@ -27,8 +33,10 @@ def encode(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32") -> di
     return out
 
 
-def decode(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def decode(arrays: Mapping[str, np.ndarray]) -> dict[str, "torch.Tensor"]:
     """Float32 tensors from received arrays (``uint16`` arrays are bfloat16 bit patterns)."""
+    import torch
+
     out = {}
     for key, array in arrays.items():
         tensor = torch.from_numpy(np.array(array, copy=True))

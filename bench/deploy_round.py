@@ -1,0 +1,77 @@
+"""Deployment round time against simulation round time, with and without the warm node worker.
+
+The same 3-client experiment (deploy/cluster.yaml: capacities 12, 6, 3 on the built-in
+backbone) runs three ways, one after the other on this machine:
+
+1. in Flower's simulation engine (``deploy/simulate.py``),
+2. on a local TLS cluster (``deploy/local_cluster.py``: SuperLink, proxy, 3 SuperNodes)
+   with the warm worker (the default),
+3. on the same cluster with ``worker=off`` (every message pays a fresh ClientApp process).
+
+Round 1 is left out of the means (the worker starts during the capacity query and round 0).
+Where the time goes is read from each run's ``rounds.jsonl``: the wall time of a round,
+the slowest ClientApp call, the server's evaluation.
+
+    python bench/deploy_round.py --rounds 5
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, machine, table
+
+EXPERIMENT = "deploy/cluster.yaml"
+
+
+def run(kind: str, out: Path, rounds: int) -> list[dict]:
+    """One run of the experiment; its round records."""
+    run_config = f"experiment='{EXPERIMENT}' output-dir='{out}' run-name='{kind}' num-server-rounds={rounds}"
+    if kind == "simulation":
+        command = [sys.executable, str(ROOT / "deploy" / "simulate.py"), "--flwr-home", str(out / "flwr-sim"),
+                   "-c", run_config]
+    else:
+        command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(out / f"{kind}-cluster"),
+                   "--max-layers", "12,6,3", "-c", run_config]
+        if kind == "worker-off":
+            command += ["--node-config", "worker='off'"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
+    path = out / kind / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary(records: list[dict]) -> dict[str, float]:
+    """Mean per-round figures over rounds 2.. (seconds)."""
+    later = [r for r in records if r["round"] >= 2]
+    slowest = [max(c["metrics"]["total_seconds"] for c in r["clients"] if c["status"] == "ok") for r in later]
+    training = [max(c["metrics"]["train_seconds"] for c in r["clients"] if c["status"] == "ok") for r in later]
+    warm = [np.mean([c["metrics"].get("worker", 0) for c in r["clients"]]) for r in later]
+    return {"round": float(np.mean([r["round_seconds"] for r in later])),
+            "slowest_call": float(np.mean(slowest)), "training": float(np.mean(training)),
+            "evaluation": float(np.mean([r["eval_seconds"] for r in later])), "warm_share": float(np.mean(warm))}
+
+
+def main() -> None:
+    """Run the three ways and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="fedra-deploy-round-"))
+    kinds = {"simulation": "simulation", "cluster, worker on": "worker-on", "cluster, worker off": "worker-off"}
+    results = {label: summary(run(kind, out, args.rounds)) for label, kind in kinds.items()}
+    print(f"{machine()}; {EXPERIMENT}, rounds 2..{args.rounds} averaged; outputs in {out}")
+    rows = [[kind, f"{r['round']:.1f}", f"{r['slowest_call']:.1f}", f"{r['training']:.1f}", f"{r['evaluation']:.1f}",
+             f"{100 * r['warm_share']:.0f}%", f"{r['round'] / results['simulation']['round']:.2f}"]
+            for kind, r in results.items()]
+    print(table(["run", "round (s)", "slowest ClientApp call (s)", "its training (s)", "server evaluation (s)",
+                 "calls served warm", "round / simulation round"], rows))
+    print("target: cluster with the worker <= 1.3 x simulation")
+
+
+if __name__ == "__main__":
+    main()
