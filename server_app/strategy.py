@@ -49,6 +49,7 @@ class PendingEvaluation:
     nodes: list[NodeInfo]
     messages: list[Message]
     bytes_sent: int
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -400,6 +401,7 @@ class FedRA(Strategy):
                                           "status": "failed", "reason": "no reply within the timeout"}
         self.last_eval = aggregate_evaluations(list(evaluations.values()), list(failures.values()))
         self.last_eval["bytes_sent_per_node"] = pending.bytes_sent
+        self.last_eval["wall_seconds"] = time.perf_counter() - pending.started  # send, evaluate, reply
         mean = self.last_eval["mean_accuracy"]
         return MetricRecord({"client-mean-accuracy": mean}) if mean is not None else None
 
