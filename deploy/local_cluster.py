@@ -26,7 +26,8 @@ Everything lives in ``--workdir`` (its own ``FLWR_HOME``, credentials, the proxy
 generated configuration, logs, ``pids.json``), every port is free, and every process
 started here (with the SuperExec sessions those started) is stopped by PID, process
 group by process group, when the run ends, fails, or the launcher gets SIGINT, SIGTERM
-or SIGHUP (the terminal closed).
+or SIGHUP (the terminal closed); if the launcher itself is killed (``kill -9``), the
+kernel sends each of them SIGTERM.
 
     python deploy/local_cluster.py                               # 3 nodes holding 12, 6, 3 blocks
     python deploy/local_cluster.py --max-layers 12,8,4,3 -c "experiment='configs/x.yaml'"
@@ -36,6 +37,7 @@ anything, 130 interrupted.
 """
 
 import argparse
+import ctypes
 import grp
 import json
 import os
@@ -43,6 +45,7 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -118,12 +121,21 @@ def write_connection(flwr_home: Path, address: str, ca_cert: Path, name: str = C
         f'root-certificates = "{ca_cert}"\n')
 
 
+def _end_with_launcher() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
 def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start ``command`` in its own session (so its children stop with it), output to a log."""
+    """Start ``command`` in its own session (so its children stop with it), output to a log.
+
+    The process gets SIGTERM if this launcher dies without cleaning up (``kill -9``);
+    a SIGHUP for the terminal's process group does not reach it, the launcher stops it.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_end_with_launcher)
 
 
 def start_superlink(workdir: Path, port: int, certs: Path, env: dict[str, str]) -> subprocess.Popen:

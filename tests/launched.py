@@ -1,5 +1,8 @@
 """What the launchers leave running: processes found by FLWR_HOME or by process group, via /proc."""
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 
@@ -34,3 +37,15 @@ def group_members(pgid: int) -> list[int]:
 def leftovers(pids: list[int], flwr_home: Path) -> list[int]:
     """Anything still running that a launcher started: by FLWR_HOME, or in one of ``pids``' groups."""
     return sorted(set(processes_with_flwr_home(flwr_home)) | {p for pid in pids for p in group_members(pid)})
+
+
+def stop_launcher(launcher: subprocess.Popen, grace: float = 120.0) -> None:
+    """End a launcher a test started in its own session: SIGTERM (it cleans up), SIGKILL if it hangs."""
+    if launcher.poll() is not None:
+        return
+    os.killpg(launcher.pid, signal.SIGTERM)
+    try:
+        launcher.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
 
 import local_cluster  # noqa: E402
-from launched import leftovers, processes_with_flwr_home  # noqa: E402
+from launched import leftovers, processes_with_flwr_home, stop_launcher  # noqa: E402
 from simulate import running  # noqa: E402
 
 CAPACITIES = [5, 3, 1]  # declared by the nodes; the experiment's own capacities differ on purpose
@@ -190,8 +190,7 @@ def test_local_cluster_trains_through_the_proxy_which_refuses_the_control_api(tm
 
         assert launcher.wait(timeout=900) == 0, (tmp_path / "launcher.log").read_text()[-4000:]
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        stop_launcher(launcher)
 
     log = (tmp_path / "launcher.log").read_text()
     assert re.search(r"local_cluster.py: run \d+ finished:completed\s*$", log), log[-2000:]
@@ -228,8 +227,7 @@ def test_local_cluster_stops_everything_on_sighup(tmp_path: Path, tiny_vit_cache
 
         assert launcher.wait(timeout=120) == 130
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        stop_launcher(launcher)
     assert not any(running(pid) for pid in pids + runtimes)
     assert leftovers(pids + runtimes, workdir / "flwr-home") == []
 
@@ -452,8 +450,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_vit_cache
         assert runs["resume"].wait(timeout=900) == 0
     finally:
         for process in runs.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_launcher(process)
 
     full, resumed = _records(out / "full"), _records(out / "cut")
     assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]

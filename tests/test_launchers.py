@@ -3,14 +3,17 @@
 The logs below are the ends of real ones (colour codes included) from Flower 1.41.
 """
 
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
 
 import simulate  # noqa: E402
-from simulate import FlwrRun, failure_cause, log_cause  # noqa: E402
+from simulate import FlwrRun, failure_cause, log_cause, running  # noqa: E402
 
 WRONG_CA = """\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode
 INFO:     Uvicorn running on http://127.0.0.1:59251 (Press CTRL+C to quit)
@@ -69,3 +72,21 @@ def test_outcome_trusts_the_run_status_not_the_exit_code(monkeypatch) -> None:
     no_run = FlwrRun(code=1, run_id=None)
     no_run.lines.extend(["Using SuperLink: local", "\x1b[91mERROR \x1b[0m:     Connection refused"])
     assert simulate.outcome(no_run, "local", {}) == (1, "flwr run started no run: Connection refused")
+
+
+def test_what_a_killed_launcher_started_ends_with_it(tmp_path: Path) -> None:
+    """``kill -9`` leaves a launcher no cleanup; what it started (own sessions) gets SIGTERM from the kernel."""
+    script = (f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(ROOT / 'deploy')!r}); "
+              f"import local_cluster; process = local_cluster.spawn([{shutil.which('sleep')!r}, '300'], "
+              f"Path({str(tmp_path / 'sleep.log')!r}), {{}}); print(process.pid, flush=True); time.sleep(300)")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(launcher.stdout.readline())
+    assert running(child)
+
+    launcher.kill()
+    launcher.wait()
+
+    deadline = time.monotonic() + 30
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(child)

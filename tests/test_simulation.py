@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CAPACITIES = [6, 5, 4, 3, 2, 1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from launched import processes_with_flwr_home  # noqa: E402
+from launched import processes_with_flwr_home, stop_launcher  # noqa: E402
 
 
 def _experiment(tmp_path: Path, cache: Path, **training: object) -> Path:
@@ -124,8 +124,7 @@ def test_simulation_stops_everything_on_sighup(tmp_path: Path, tiny_vit_cache: P
 
         assert launcher.wait(timeout=120) == 130
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        stop_launcher(launcher)
     assert processes_with_flwr_home(tmp_path / "flwr-home") == []
 
 
