@@ -76,6 +76,14 @@ def node_of_reply(reply: Message, sent: list[Message]) -> int:
     return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
+def _sendable(arrays: ArrayRecord) -> State:
+    """The global state to send; a state with NaN or infinite values is never sent."""
+    state = dict(arrays.to_torch_state_dict())
+    if not is_finite_state(state):
+        raise RuntimeError("the global state holds NaN or infinite values; refusing to send it")
+    return state
+
+
 def to_record(state: State, wire_dtype: str) -> ArrayRecord:
     """An ArrayRecord carrying ``state`` in the wire dtype."""
     return ArrayRecord({k: Array(v) for k, v in encode(state, wire_dtype).items()})
@@ -240,9 +248,7 @@ class FedRA(Strategy):
         self.discover(grid)
         nodes = self._sample(grid)
         matrix = self.allocation(nodes)
-        state = dict(arrays.to_torch_state_dict())
-        if not is_finite_state(state):
-            raise RuntimeError("the global state holds NaN or infinite values; refusing to send it")
+        state = _sendable(arrays)
         pending = PendingRound(self.round_offset + server_round, state, nodes, matrix)
         for row, node in enumerate(nodes):
             layers = layers_of(matrix, row)
@@ -413,9 +419,7 @@ class FedRA(Strategy):
 
     def _evaluate_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
-        state = dict(arrays.to_torch_state_dict())
-        if not is_finite_state(state):
-            raise RuntimeError("the global state holds NaN or infinite values; refusing to send it")
+        state = _sendable(arrays)
         connected = set(grid.get_node_ids())
         nodes = sorted((n for n in self.nodes.values() if n.node_id in connected), key=lambda n: n.partition_id)
         record = to_record(state, self.cfg.wire_dtype)

@@ -3,7 +3,18 @@
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
 
 
 def processes_with_flwr_home(flwr_home: Path) -> list[int]:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "deploy"))
 
 import local_cluster  # noqa: E402
 from launched import leftovers, processes_with_flwr_home, stop_launcher  # noqa: E402
+from launched import wait_until as _wait  # noqa: E402
 from simulate import running  # noqa: E402
 
 CAPACITIES = [5, 3, 1]  # declared by the nodes; the experiment's own capacities differ on purpose
@@ -55,14 +56,6 @@ def _records(run_dir: Path) -> list[dict]:
     path = run_dir / "rounds.jsonl"
     text = path.read_text() if path.is_file() else ""
     return [json.loads(line) for line in text.split("\n")[:-1]]
-
-
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 class Cluster:

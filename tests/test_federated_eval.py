@@ -20,6 +20,9 @@ from flower_messages import StaticGrid, run_identity  # noqa: F401 - autouse fix
 from server_app.strategy import FedRA, NodeInfo
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from launched import group_members  # noqa: E402
 DOMAINS = ["clean", "inverted", "sketch"]
 
 
@@ -134,20 +137,6 @@ def _write_folder_dataset(root: Path, domains: list[str], classes: int = 2, per_
                 Image.fromarray(base + noise).save(folder / f"{i}.png")
 
 
-def _node_evaluation_pids(node_pid: int) -> list[int]:
-    """The node's processes that may be evaluating: its worker, ClientApps, SuperExec (its process group)."""
-    group = os.getpgid(node_pid)
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getpgid(int(entry.name)) == group:
-                    pids.append(int(entry.name))
-            except ProcessLookupError:
-                continue
-    return pids
-
-
 def test_a_cluster_whose_server_has_no_data_is_evaluated_by_its_nodes(tmp_path: Path, tiny_vit_cache: Path) -> None:
     data = tmp_path / "node-data"  # only the nodes are given it
     _write_folder_dataset(data, DOMAINS)
@@ -174,7 +163,7 @@ def test_a_cluster_whose_server_has_no_data_is_evaluated_by_its_nodes(tmp_path: 
             assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         node = json.loads((workdir / "pids.json").read_text())["node-2"]
-        for pid in _node_evaluation_pids(node):  # node 2 dies while it evaluates round 2
+        for pid in group_members(os.getpgid(node)):  # node 2, its worker and ClientApps die mid-evaluation
             os.kill(pid, signal.SIGKILL)
         assert launcher.wait(timeout=900) == 0, log.read_text()[-3000:]
     finally:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,15 +22,14 @@ from fedra_core.task import run_train
 from fedra_core.wire import encode
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from launched import wait_until  # noqa: E402
 DOMAINS = ["clean", "inverted", "sketch"]
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    wait_until(condition, timeout, what, interval=0.1)
 
 
 def _exited(process: subprocess.Popen) -> bool:
