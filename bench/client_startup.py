@@ -53,7 +53,7 @@ def state_shapes(cache: Path) -> dict[str, list[int]]:
     from fedra_core.config import LoraSettings
     from fedra_core.evaluation import GlobalModel
 
-    state = GlobalModel(cache, 100, LoraSettings()).initial_state()
+    state = GlobalModel.with_lora(cache, 100, LoraSettings()).initial_state()
     return {k: list(v.shape) for k, v in state.items()}
 
 

@@ -49,7 +49,7 @@ def write_state(cache: Path, path: Path) -> None:
 
     from fedra_core.evaluation import GlobalModel
 
-    initial = GlobalModel(cache, NUM_CLASSES, lora_settings()).initial_state()
+    initial = GlobalModel.with_lora(cache, NUM_CLASSES, lora_settings()).initial_state()
     generator = torch.Generator().manual_seed(0)
     save_file({k: torch.randn(v.shape, generator=generator) * 0.02 for k, v in initial.items()}, str(path))
 
@@ -69,7 +69,7 @@ def measure(variant: str, cache: Path, state_file: Path, images: int, batch: int
     reset_peak_rss()
     start = time.perf_counter()
     if variant == "in-memory":
-        model = GlobalModel(cache, NUM_CLASSES, lora_settings()).model
+        model = GlobalModel.with_lora(cache, NUM_CLASSES, lora_settings()).model
         load_trainable_state(model, state)
         with torch.no_grad():
             logits = torch.cat([model.eval()(pixels[i:i + batch]) for i in range(0, images, batch)])

@@ -1,84 +1,22 @@
-"""The paper's baselines: their allocations, DepthFL's exits, loss and ensemble, InclusiveFL's aggregation.
+"""The depth-based baselines' machinery: DepthFL's exits, loss and ensemble, InclusiveFL's aggregation.
 
-Every method shares FedRA's Strategy, ClientApp and training loop; a baseline differs
-only in which blocks each client holds (``allocation_for``), in the depth of the
-evaluated global model (``global_layers``) and, for DepthFL, in auxiliary classifiers
-and a loss term (``attach_exits``, ``depthfl_loss``), and for InclusiveFL in a server-side
-aggregation with momentum distillation (``inclusivefl_aggregate``).
+Every method shares FedRA's Strategy, ClientApp and training loop; each is one object in
+``fedra_core.methods``, which calls what is here: DepthFL's auxiliary classifiers and
+loss term (``attach_exits``, ``depthfl_loss``, ``classifier_logits``) and InclusiveFL's
+server-side aggregation with momentum distillation (``inclusivefl_aggregate``).
 
-| method        | client i holds                 | global model evaluated  |
-|---------------|--------------------------------|-------------------------|
-| ``fedra``     | k_i random blocks              | all blocks              |
-| ``all-large`` | every block (ceiling)          | all blocks              |
-| ``all-small`` | blocks 0..k_min-1              | blocks 0..k_min-1       |
-| ``inclusivefl``, ``depthfl``, ``first`` | blocks 0..k_i-1 | all blocks       |
 """
 
 import math
 from collections.abc import Mapping, Sequence
-from functools import partial
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedra_core.aggregation import masked_average
-from fedra_core.allocation import allocate
-from fedra_core.config import Experiment, StrategyConfig
-from fedra_core.training import ClassifiersFn, LossFn, cross_entropy_loss
+from fedra_core.config import StrategyConfig
 
-DEPTH_FIRST = ("first", "inclusivefl", "depthfl")
 EXIT_NAME = "exit"  # DepthFL's classifier after block i is ``blocks.<i>.exit``: a global name
-
-
-def allocation_for(experiment: Experiment, capacities: Sequence[int], num_layers: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """The round's allocation matrix for the experiment's method.
-
-    Parameters
-    ----------
-    experiment : Experiment
-        Its ``strategy.method`` selects the allocation; ``clients.capacities`` gives
-        ``all-small`` its depth (the smallest capacity of the whole system).
-    capacities : Sequence[int]
-        Declared capacity of each sampled client (one row each).
-    num_layers : int
-        Depth of the backbone.
-    rng : numpy.random.Generator
-        Used by the random methods only.
-
-    Returns
-    -------
-    numpy.ndarray
-        Boolean ``(len(capacities), num_layers)`` matrix.
-    """
-    method = experiment.strategy.method
-    if method in ("fedra", "fedra-cover"):
-        return allocate(capacities, num_layers, rng, method=method)
-    if method in DEPTH_FIRST:
-        return allocate(capacities, num_layers, rng, method="first")
-    if method == "all-large":
-        return allocate([num_layers] * len(capacities), num_layers, rng, method="first")
-    if method == "all-small":
-        return allocate([small_depth(experiment)] * len(capacities), num_layers, rng, method="first")
-    raise ValueError(f"strategy.method {method!r} has no allocation")
-
-
-def small_depth(experiment: Experiment) -> int:
-    """Depth of ``all-small``'s system: the smallest capacity among all clients."""
-    return min(experiment.clients.capacities)
-
-
-def global_layers(experiment: Experiment, num_layers: int) -> list[int] | None:
-    """Blocks of the evaluated global model: ``None`` (all) except for ``all-small``."""
-    if experiment.strategy.method == "all-small":
-        return list(range(min(small_depth(experiment), num_layers)))
-    return None
-
-
-def max_blocks(experiment: Experiment, node_max_layers: int, num_layers: int) -> int:
-    """Most blocks a node may be sent: its capacity, or every block for the ``all-large`` ceiling."""
-    return num_layers if experiment.strategy.method == "all-large" else node_max_layers
 
 
 # ---------------------------------------------------------------- DepthFL
@@ -147,18 +85,6 @@ def classifier_logits(model: nn.Module, images: torch.Tensor) -> list[torch.Tens
     return [*exits, logits]
 
 
-def classifiers_for(experiment: Experiment) -> ClassifiersFn | None:
-    """How to read all of a method's classifiers for scoring their ensemble: DepthFL's, else None."""
-    return classifier_logits if experiment.strategy.method == "depthfl" else None
-
-
-def prepare_model(model: nn.Module, experiment: Experiment, num_classes: int, num_layers: int) -> nn.Module:
-    """Add what the method needs beyond LoRA and the head (DepthFL's exits); after ``attach_lora``."""
-    if experiment.strategy.method == "depthfl":
-        return attach_exits(model, num_classes, experiment.strategy.depthfl_exit_every, num_layers)
-    return model
-
-
 def distill_weight(strategy: StrategyConfig, server_round: int) -> float:
     """DepthFL's self-distillation weight in round ``server_round`` (1, 2, ...).
 
@@ -172,13 +98,6 @@ def distill_weight(strategy: StrategyConfig, server_round: int) -> float:
         return strategy.depthfl_distill_weight
     phase = 1.0 - min(max(server_round, 0), ramp) / ramp
     return strategy.depthfl_distill_weight * math.exp(-5.0 * phase * phase)
-
-
-def loss_for(experiment: Experiment, server_round: int) -> LossFn:
-    """The training loop's loss for the method in ``server_round``: DepthFL's, else cross-entropy."""
-    if experiment.strategy.method == "depthfl":
-        return partial(depthfl_loss, distill_weight=distill_weight(experiment.strategy, server_round))
-    return cross_entropy_loss
 
 
 # ---------------------------------------------------------------- InclusiveFL

@@ -30,7 +30,8 @@ from typing import Any, TextIO
 import numpy as np
 import yaml
 
-from fedra_core.config import METHODS, load_experiment
+from fedra_core.config import load_experiment
+from fedra_core.methods import method_names
 from fedra_core.plots import _pyplot
 from fedra_core.preflight import PreflightError, check_experiment
 
@@ -164,9 +165,9 @@ def run_all(base: Path, methods: Sequence[str], seeds: Sequence[int], out: Path,
     list[Path]
         Run folders, in method-then-seed order.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ValueError(f"--methods: {unknown[0]!r} is not a method; expected some of {METHODS}")
+        raise ValueError(f"--methods: {unknown[0]!r} is not a method; expected some of {method_names()}")
     for sub in ("configs", "runs", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     base_experiment = load_experiment(base, overrides)
@@ -350,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run method x seed through Flower simulation, then report")
     run.add_argument("--base", type=Path, required=True, help="experiment file, e.g. configs/bench-feature.yaml")
-    run.add_argument("--methods", nargs="+", default=list(METHODS))
+    run.add_argument("--methods", nargs="+", default=list(method_names()))
     run.add_argument("--seeds", nargs="+", type=int, default=[0])
     run.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
                      help="dotted override for every run, e.g. training.rounds=5 (repeatable)")

@@ -10,9 +10,10 @@ from typing import Any
 
 import yaml
 
+from fedra_core.methods import method_names
+
 DATASETS = ("builtin-digits", "folder", "domainnet", "nicopp")
 PARTITIONINGS = ("feature", "feature-label")
-METHODS = ("fedra", "fedra-cover", "first", "all-large", "all-small", "inclusivefl", "depthfl")
 WEIGHTINGS = ("uniform", "num-examples")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -129,7 +130,7 @@ class StrategyConfig:
     inclusivefl_momentum: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.method in METHODS, "strategy.method", self.method, f"one of {METHODS}")
+        _require(self.method in method_names(), "strategy.method", self.method, f"one of {method_names()}")
         _require(self.depthfl_exit_every >= 1, "strategy.depthfl_exit_every", self.depthfl_exit_every,
                  "an integer >= 1")
         _require(self.depthfl_distill_weight >= 0, "strategy.depthfl_distill_weight",

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedra_core import baselines
 from fedra_core.config import ConfigError, Experiment
+from fedra_core.methods import method_for
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,12 @@ def require_num_classes(experiment: Experiment) -> int:
     return declared
 
 
-def global_model(experiment: Experiment, cache: Path, num_classes: int, num_layers: int, device: str) -> Any:
+def global_model(experiment: Experiment, cache: Path, num_classes: int, device: str,
+                 architecture: str | None = None) -> Any:
     """The method's evaluated global model on ``cache`` (the server's and every evaluating node's)."""
     from fedra_core.evaluation import GlobalModel  # timm and peft: only where a model is built
 
-    return GlobalModel(cache, num_classes, experiment.backbone.lora, device=device, seed=experiment.seed,
-                       layers=baselines.global_layers(experiment, num_layers),
-                       prepare=lambda m: baselines.prepare_model(m, experiment, num_classes, num_layers),
-                       classifiers=baselines.classifiers_for(experiment))
+    return GlobalModel(cache, num_classes, method_for(experiment), device=device, architecture=architecture)
 
 
 def evaluate_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
@@ -76,9 +74,9 @@ def evaluate_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
         batch = min(experiment.training.eval_batch_size, experiment.training.batch_size)
         result = stream_evaluate(node.backbone_cache, without_exits(state), data.test,
                                  experiment.backbone.lora, data.num_classes, device, batch, experiment.seed,
-                                 baselines.global_layers(experiment, meta.num_layers), precision)
+                                 method_for(experiment).global_layers(meta.num_layers), precision)
         return {"loss": result.loss, "accuracy": result.accuracy, "num_examples": result.num_examples}
-    model = global_model(experiment, node.backbone_cache, data.num_classes, meta.num_layers, device)
+    model = global_model(experiment, node.backbone_cache, data.num_classes, device)
     return model.evaluate(state, {"local": data.test}, experiment.training.eval_batch_size, precision)["local"]
 
 

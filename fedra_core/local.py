@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from fedra_core import baselines
 from fedra_core.backbone import AssemblyStats, assemble, read_meta
 from fedra_core.config import Experiment, NodeSettings
-from fedra_core.lora import State, attach_lora, load_trainable_state, trainable_state
+from fedra_core.lora import State
+from fedra_core.methods import method_for
 from fedra_core.training import TrainResult, train_local
 
 logger = logging.getLogger(__name__)
@@ -38,13 +38,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_submodel(experiment: Experiment, node: NodeSettings, layers: list[int], num_classes: int,
-                   received: Mapping[str, torch.Tensor]) -> tuple[torch.nn.Module, AssemblyStats]:
+                   received: Mapping[str, torch.Tensor], architecture: str | None = None
+                   ) -> tuple[torch.nn.Module, AssemblyStats]:
     """Sub-model of ``layers`` from the node's cache, adapted, with the received state loaded."""
     device = resolve_device(node.device)
+    method = method_for(experiment)
     model, stats = assemble(node.backbone_cache, layers, num_classes, device)
-    model = attach_lora(model, experiment.backbone.lora, head_seed=experiment.seed).to(device)
-    model = baselines.prepare_model(model, experiment, num_classes, read_meta(node.backbone_cache).num_layers)
-    load_trainable_state(model, {k: v.to(device) for k, v in received.items()})
+    model = method.build(model, num_classes, read_meta(node.backbone_cache).num_layers, architecture).to(device)
+    method.load_state(model, {k: v.to(device) for k, v in received.items()}, architecture)
     return model, stats
 
 
@@ -78,9 +79,11 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     """
     start = time.perf_counter()
     num_layers = read_meta(node.backbone_cache).num_layers
-    if len(layers) > baselines.max_blocks(experiment, node.max_layers, num_layers):
+    method = method_for(experiment)
+    architecture = method.architecture_of(node.partition_id)
+    if len(layers) > method.max_blocks(node.max_layers, num_layers):
         raise ValueError(f"the server sent {len(layers)} blocks but this node holds at most {node.max_layers}")
-    model, stats = build_submodel(experiment, node, layers, num_classes, received)
+    model, stats = build_submodel(experiment, node, layers, num_classes, received, architecture)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(experiment.seed * 100_003 + server_round * 1009 + node.partition_id)
     cfg = experiment.training
@@ -89,8 +92,8 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     setup = time.perf_counter() - start
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(generator.initial_seed()))  # LoRA dropout
-        result = train_local(model, loader, cfg, device, loss_fn=baselines.loss_for(experiment, server_round))
-    trained = trainable_state(model)
+        result = train_local(model, loader, cfg, device, loss_fn=method.loss(server_round))
+    trained = method.trainable_state(model, architecture)
     delta = {k: (trained[k] - received[k].to(device)).cpu() for k in received}
     return LocalRound(delta, result, stats, setup)
 

@@ -20,7 +20,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fedra_core import baselines
 from fedra_core.backbone import BackboneCacheError, CacheMeta, read_meta
 from fedra_core.capacity import backbone_sizes, layers_for_budget
 from fedra_core.config import ConfigError, Experiment, is_device_name
@@ -28,7 +27,8 @@ from fedra_core.data import BUILTIN_MEAN, BUILTIN_STD, DIGIT_CLASSES, ImageFileD
 from fedra_core.data.folders import IMAGE_EXTENSIONS
 from fedra_core.datasets import domain_names, load_domains
 from fedra_core.evaluation import GlobalModel
-from fedra_core.lora import State, StateMismatchError, load_trainable_state
+from fedra_core.lora import State, StateMismatchError
+from fedra_core.methods import Method, method_for
 from fedra_core.records import ADAPTERS, RunOutput
 from fedra_core.run import check_same_backbone
 from fedra_core.streaming import stream_logits, without_exits
@@ -184,7 +184,7 @@ def predict(run_dir: Path, images: Sequence[Path], max_layers: int | None = None
     state = without_exits(run.state)  # DepthFL: its head, the deepest classifier, answers
     num_classes = _num_classes(state, names)
     names = names or tuple(f"class_{i}" for i in range(num_classes))
-    layers = baselines.global_layers(experiment, meta.num_layers)
+    layers = method_for(experiment).global_layers(meta.num_layers)
     depth = len(layers) if layers else meta.num_layers
     holds = node_blocks(cache, max_layers, memory_budget_mb)
     streamed = holds is not None and holds < depth
@@ -217,9 +217,10 @@ def _num_classes(state: State, names: tuple[str, ...] | None) -> int:
 def _in_memory_logits(cache: Path, state: State, pixels: torch.Tensor, experiment: Experiment, num_classes: int,
                       layers: list[int] | None, device: str, batch_size: int) -> torch.Tensor:
     """Logits ``(N, num_classes)`` of the whole global model held in memory."""
-    model = GlobalModel(cache, num_classes, experiment.backbone.lora, device=device, seed=experiment.seed,
-                        layers=layers).model.eval()
-    load_trainable_state(model, {k: v.to(device) for k, v in state.items()})
+    # The plain LoRA model (the base method): DepthFL's exits are not needed for its head's answer.
+    global_model = GlobalModel(cache, num_classes, Method(experiment), device=device, layers=layers)
+    global_model.load(state)
+    model = global_model.model.eval()
     return torch.cat([model(pixels[i:i + batch_size].to(device)).float().cpu()
                       for i in range(0, len(pixels), batch_size)])
 

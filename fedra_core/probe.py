@@ -11,16 +11,15 @@ how far a weak client's domain is learned at the depth that client trains.
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 from safetensors.torch import load_file
 
-from fedra_core import baselines
 from fedra_core.datasets import test_sets
 from fedra_core.evaluation import GlobalModel
 from fedra_core.lora import slice_state
+from fedra_core.methods import method_for
 from fedra_core.records import ADAPTERS, RunOutput
 from fedra_core.run import check_same_backbone, prepare_backbone
 
@@ -65,12 +64,10 @@ def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed
     check_same_backbone(output, meta)
     sets, num_classes = test_sets(experiment, meta)
     state = load_file(str(adapters))
-    prepare = partial(baselines.prepare_model, experiment=experiment, num_classes=num_classes,
-                      num_layers=meta.num_layers)
+    method = method_for(experiment)
     rows = []
     for label, layers in sub_models(meta.num_layers, depths, draws, seed):
-        model = GlobalModel(experiment.backbone.cache_path, num_classes, experiment.backbone.lora,
-                            seed=experiment.seed, layers=layers, prepare=prepare)
+        model = GlobalModel(experiment.backbone.cache_path, num_classes, method, layers=layers)
         results = model.evaluate(slice_state(state, layers), sets, experiment.training.eval_batch_size)
         rows.append(ProbeRow(label, tuple(layers), {d: 100 * r["accuracy"] for d, r in results.items()}))
     return rows

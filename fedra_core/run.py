@@ -98,8 +98,7 @@ class ServerRun:
         if device != "cpu" and not torch.cuda.is_available():
             logger.info("the server has no CUDA: the global model is evaluated on the CPU")
             device = "cpu"
-        self.model = global_model(experiment, experiment.backbone.cache_path, self.num_classes,
-                                  self.meta.num_layers, device)
+        self.model = global_model(experiment, experiment.backbone.cache_path, self.num_classes, device)
         self.start_round = 0
         self.rng = np.random.default_rng(experiment.seed)
         self.state = self.model.initial_state()

@@ -14,9 +14,9 @@ def max_task_blocks(experiment: Experiment, node: NodeSettings, num_layers: int)
     ceiling sends every block. A node whose own node-config sets ``max-layers`` or
     ``memory-budget-mb`` is never sent more, whatever the method.
     """
-    from fedra_core.baselines import max_blocks
+    from fedra_core.methods import method_for
 
-    allowed = max_blocks(experiment, node.max_layers, num_layers)
+    allowed = method_for(experiment).max_blocks(node.max_layers, num_layers)
     return min(allowed, node.own_max_layers) if node.own_max_layers is not None else allowed
 
 

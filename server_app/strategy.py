@@ -12,17 +12,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedra_core.aggregation import InvalidReply, clip_delta, is_finite_state, masked_average
+from fedra_core.aggregation import InvalidReply, clip_delta, is_finite_state
 from fedra_core.allocation import layers_of
-from fedra_core.baselines import allocation_for, inclusivefl_aggregate
 from fedra_core.config import Experiment
 from fedra_core.federated import NodeEvaluation, aggregate_evaluations
-from fedra_core.lora import State, slice_state
+from fedra_core.lora import State
+from fedra_core.methods import method_for
 from fedra_core.wire import encode
 from server_app.replies import read_capacity, read_eval_reply, read_train_reply, serialized_bytes
 
 QUERY_TIMEOUT = 120.0
-MOMENTUM = "inclusivefl_momentum."  # checkpoint prefix of InclusiveFL's momentum
 QUERY_BACKOFF = (60.0, 3600.0)  # a silent node is asked again after 60 s, doubling up to an hour
 
 
@@ -132,19 +131,20 @@ class FedRA(Strategy):
         self.pending_eval: PendingEvaluation | None = None
         self.last_eval: dict[str, Any] | None = None  # the nodes' evaluation of the last round
         self.last_record: dict[str, Any] = {}
-        self.momentum: State = {}  # InclusiveFL's momentum distillation, across rounds
+        self.method = method_for(experiment)  # allocation, slicing, aggregation; its memory across rounds
         self._experiment_json = experiment.to_json()
 
     def server_state(self) -> State:
-        """What the strategy keeps across rounds, for the run's checkpoint."""
-        return {MOMENTUM + key: value for key, value in self.momentum.items()}
+        """What the method keeps across rounds (InclusiveFL's momentum), for the run's checkpoint."""
+        return {self.method.memory_prefix + key: value for key, value in self.method.memory.items()}
 
     def load_server_state(self, state: State) -> None:
         """Continue from a checkpoint's ``server_state``."""
-        unknown = [k for k in state if not k.startswith(MOMENTUM)]
+        prefix = self.method.memory_prefix
+        unknown = [k for k in state if not prefix or not k.startswith(prefix)]
         if unknown:
             raise ValueError(f"the checkpoint holds server state this strategy does not keep: {unknown[:3]}")
-        self.momentum = {key[len(MOMENTUM):]: value for key, value in state.items()}
+        self.method.load_memory({key[len(prefix):]: value for key, value in state.items()})
 
     def summary(self) -> None:
         """Log the strategy's settings as a small tree."""
@@ -240,7 +240,7 @@ class FedRA(Strategy):
     # ---------------------------------------------------------------- train
     def allocation(self, nodes: list[NodeInfo]) -> np.ndarray:
         """The round's allocation matrix, one row per sampled node (partition order)."""
-        return allocation_for(self.experiment, [n.max_layers for n in nodes], self.num_layers, self.rng)
+        return self.method.allocate([n.max_layers for n in nodes], [self.num_layers] * len(nodes), self.rng)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -252,7 +252,7 @@ class FedRA(Strategy):
         pending = PendingRound(self.round_offset + server_round, state, nodes, matrix)
         for row, node in enumerate(nodes):
             layers = layers_of(matrix, row)
-            pending.sent[node.node_id] = slice_state(state, layers)
+            pending.sent[node.node_id] = self.method.sendable(state, layers)
             record = to_record(pending.sent[node.node_id], self.cfg.wire_dtype)
             pending.bytes_sent[node.node_id] = serialized_bytes(record)
             cfg = ConfigRecord({**config, "server-round": pending.server_round, "layers": layers,
@@ -298,10 +298,10 @@ class FedRA(Strategy):
         """The masked average of the accepted deltas, then the method's server-side step."""
         weights = [float(outcomes[n]["weight"]) for n in deltas]
         use = None if self.cfg.weighting == "uniform" else weights
-        if self.cfg.method == "inclusivefl" and self.cfg.inclusivefl_momentum > 0:
-            return inclusivefl_aggregate(pending.state, list(deltas.values()), self.momentum,
-                                         self.cfg.inclusivefl_momentum, use)
-        return masked_average(pending.state, list(deltas.values()), use)
+        state, info = self.method.aggregate(pending.state, list(deltas.values()), use, [None] * len(deltas))
+        if info:
+            self.last_record["aggregation"] = info
+        return state
 
     def _max_examples(self, node: NodeInfo) -> int:
         """Most examples a node can see in a round: steps x batch, or epochs over its declared data."""

@@ -13,6 +13,7 @@ from fedra_core import baselines
 from fedra_core.config import NodeSettings, experiment_from_dict
 from fedra_core.evaluation import GlobalModel
 from fedra_core.local import run_local_round
+from fedra_core.methods import method_for
 from flower_messages import StaticGrid, run_identity  # noqa: F401 - autouse fixture
 from server_app.strategy import FedRA, NodeInfo
 
@@ -76,11 +77,11 @@ def test_exit_blocks_every_third_block_before_the_head() -> None:
 
 def test_all_small_global_model_is_the_shallow_model(tiny_vit_cache: Path) -> None:
     experiment = _experiment("all-small", tiny_vit_cache)
-    layers = baselines.global_layers(experiment, NUM_LAYERS)
-    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, experiment.backbone.lora, layers=layers)
+    layers = method_for(experiment).global_layers(NUM_LAYERS)
+    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, method_for(experiment))
     blocks = {int(k.split(".")[1]) for k in model.initial_state() if k.startswith("blocks.")}
     assert layers == [0, 1] and blocks == {0, 1} and len(model.model.blocks) == 2
-    assert baselines.global_layers(_experiment("fedra"), NUM_LAYERS) is None
+    assert method_for(_experiment("fedra")).global_layers(NUM_LAYERS) is None
 
 
 def _data() -> TensorDataset:
@@ -91,8 +92,7 @@ def _data() -> TensorDataset:
 def _local_round(method: str, cache: Path, layers: list[int], server_round: int = 1,
                  **strategy: object) -> tuple[dict[str, torch.Tensor], dict]:
     experiment = _experiment(method, cache, depthfl_exit_every=2, **strategy)
-    prepare = lambda m: baselines.prepare_model(m, experiment, NUM_CLASSES, NUM_LAYERS)  # noqa: E731
-    initial = GlobalModel(cache, NUM_CLASSES, experiment.backbone.lora, seed=1, prepare=prepare).initial_state()
+    initial = GlobalModel(cache, NUM_CLASSES, method_for(experiment)).initial_state()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # LoRA B starts at zero; non-zero
         torch.manual_seed(0)  # values (the same in every call) let every adapter get a gradient
         initial = {k: (torch.randn_like(v) * 0.1 if "lora_B" in k else v) for k, v in initial.items()}
@@ -138,8 +138,7 @@ def test_the_server_round_sets_the_clients_distillation_weight(tiny_vit_cache: P
 
 def test_depthfl_loss_adds_distillation_to_every_classifier(tiny_vit_cache: Path) -> None:
     experiment = _experiment("depthfl", tiny_vit_cache, depthfl_exit_every=2)
-    prepare = lambda m: baselines.prepare_model(m, experiment, NUM_CLASSES, NUM_LAYERS)  # noqa: E731
-    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, experiment.backbone.lora, prepare=prepare).model
+    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, method_for(experiment)).model
     images, labels = _data().tensors
     logits, with_kd = baselines.depthfl_loss(model, images[:8], labels[:8], distill_weight=1.0)
     _, without_kd = baselines.depthfl_loss(model, images[:8], labels[:8], distill_weight=0.0)
@@ -200,18 +199,16 @@ def test_strategy_keeps_inclusivefl_momentum_across_rounds() -> None:
                    for i, m in enumerate(messages)]
         expected = baselines.inclusivefl_aggregate(state.to_torch_state_dict(),
                                                    [r.content["arrays"].to_torch_state_dict() for r in replies],
-                                                   {k: v.clone() for k, v in strategy.momentum.items()}, 0.2)
+                                                   {k: v.clone() for k, v in strategy.method.memory.items()}, 0.2)
         state, _ = strategy.aggregate_train(server_round, replies)
         for key, value in state.to_torch_state_dict().items():
             torch.testing.assert_close(value, expected[key])
-    assert baselines.momentum_key(4, "blocks.3.attn.proj.lora_A.weight") in strategy.momentum
+    assert baselines.momentum_key(4, "blocks.3.attn.proj.lora_A.weight") in strategy.method.memory
 
 
 def test_depthfl_is_scored_by_its_deepest_classifier_and_by_the_ensemble(tiny_vit_cache: Path) -> None:
     experiment = _experiment("depthfl", tiny_vit_cache, depthfl_exit_every=2)
-    prepare = lambda m: baselines.prepare_model(m, experiment, NUM_CLASSES, NUM_LAYERS)  # noqa: E731
-    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, experiment.backbone.lora, prepare=prepare,
-                        classifiers=baselines.classifiers_for(experiment))
+    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, method_for(experiment))
     state = {k: torch.randn_like(v) for k, v in model.initial_state().items()}  # exits that disagree
 
     result = model.evaluate(state, {"toy": _data()}, batch_size=5)["toy"]
@@ -223,7 +220,7 @@ def test_depthfl_is_scored_by_its_deepest_classifier_and_by_the_ensemble(tiny_vi
     deepest = (outputs[-1].argmax(dim=1) == labels).float().mean().item()
     ensemble = (torch.stack(outputs).mean(dim=0).argmax(dim=1) == labels).float().mean().item()
     assert result["accuracy"] == pytest.approx(deepest) and result["ensemble_accuracy"] == pytest.approx(ensemble)
-    assert baselines.classifiers_for(_experiment("inclusivefl")) is None
+    assert method_for(_experiment("inclusivefl")).classifiers() is None
 
 
 def test_round_records_and_results_table_carry_the_ensemble() -> None:

@@ -105,7 +105,7 @@ def test_reference_targets_also_adapt_the_patch_embedding_as_a_shared_tensor(tin
         "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0,
                                                             "target_modules": ["proj", "mlp.fc2"]}},
         "clients": {"capacities": [6, 2]}, "training": {"local_steps": 2, "batch_size": 8, "lr": 0.05}})
-    server = GlobalModel(tiny_vit_cache, 5, experiment.backbone.lora)
+    server = GlobalModel.with_lora(tiny_vit_cache, 5, experiment.backbone.lora)
     state = {k: (torch.randn_like(v) * 0.1 if "lora_B" in k else v) for k, v in server.initial_state().items()}
     shared = {"patch_embed.proj.lora_A.weight", "patch_embed.proj.lora_B.weight"}
     assert shared <= set(state) and "blocks.3.attn.proj.lora_A.weight" in state  # suffix "proj": both

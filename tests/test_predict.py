@@ -25,7 +25,7 @@ def _write_run(run_dir: Path, cache: Path, data: dict, num_classes: int) -> Path
         "backbone": {"cache": str(cache), "lora": {"rank": 4, "alpha": 8, "target_modules": ["attn.proj", "mlp.fc2"]}},
     })
     meta = read_meta(cache)
-    initial = GlobalModel(cache, num_classes, experiment.backbone.lora, seed=experiment.seed).initial_state()
+    initial = GlobalModel.with_lora(cache, num_classes, experiment.backbone.lora, seed=experiment.seed).initial_state()
     generator = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=generator) for k, v in initial.items()}  # adapters that matter
     output = RunOutput(run_dir)

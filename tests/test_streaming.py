@@ -36,7 +36,7 @@ def _in_memory_logits(model: GlobalModel, state: dict, images: torch.Tensor) -> 
 @pytest.fixture(scope="module")
 def reference(tiny_vit_cache: Path) -> tuple[GlobalModel, dict[str, torch.Tensor]]:
     """The in-memory full model with LoRA on the blocks' attn.proj and mlp.fc2, and a random state."""
-    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, LORA, seed=SEED)
+    model = GlobalModel.with_lora(tiny_vit_cache, NUM_CLASSES, LORA, seed=SEED)
     return model, _random_state(model)
 
 
@@ -44,7 +44,7 @@ def reference(tiny_vit_cache: Path) -> tuple[GlobalModel, dict[str, torch.Tensor
 def test_streamed_logits_equal_the_in_memory_model(tiny_vit_cache: Path, targets: tuple, train_head: bool) -> None:
     # Prepare: LoRA on the blocks (and, with "proj", on the shared patch embedding too)
     lora = LoraSettings(rank=4, alpha=8, dropout=0.1, target_modules=targets, train_head=train_head)
-    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, lora, seed=SEED)
+    model = GlobalModel.with_lora(tiny_vit_cache, NUM_CLASSES, lora, seed=SEED)
     state = _random_state(model)
     images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     expected = _in_memory_logits(model, state, images)
@@ -60,7 +60,7 @@ def test_streamed_logits_equal_the_in_memory_model(tiny_vit_cache: Path, targets
 
 def test_shallow_model_of_listed_layers_equals_in_memory(tiny_vit_cache: Path) -> None:
     layers = [0, 2, 3]  # a shallow global model (all-small's holds the first blocks)
-    model = GlobalModel(tiny_vit_cache, NUM_CLASSES, LORA, seed=SEED, layers=layers)
+    model = GlobalModel.with_lora(tiny_vit_cache, NUM_CLASSES, LORA, seed=SEED, layers=layers)
     state = _random_state(model)
     images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
 

@@ -31,7 +31,7 @@ def _experiment(cache: Path, **training: object) -> object:
 def test_local_round_trains_only_what_was_sent_and_is_reproducible(tiny_vit_cache: Path) -> None:
     experiment = _experiment(tiny_vit_cache)
     node = resolve_node(experiment, {"partition-id": 1})
-    global_state = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
+    global_state = GlobalModel.with_lora(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
     received = slice_state(global_state, [1, 4])
 
     first = run_local_round(experiment, node, [1, 4], received, _toy_data(), 4, server_round=3)
@@ -47,7 +47,7 @@ def test_local_round_trains_only_what_was_sent_and_is_reproducible(tiny_vit_cach
 def test_too_many_blocks_for_the_node_is_refused(tiny_vit_cache: Path) -> None:
     experiment = _experiment(tiny_vit_cache)
     node = resolve_node(experiment, {"partition-id": 1})  # holds 2
-    state = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
+    state = GlobalModel.with_lora(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
     with pytest.raises(ValueError, match="at most 2"):
         run_local_round(experiment, node, [0, 1, 2], slice_state(state, [0, 1, 2]), _toy_data(), 4, 1)
 
@@ -55,7 +55,7 @@ def test_too_many_blocks_for_the_node_is_refused(tiny_vit_cache: Path) -> None:
 def test_bf16_autocast_runs_on_cpu(tiny_vit_cache: Path) -> None:
     experiment = _experiment(tiny_vit_cache, precision="bf16")
     node = resolve_node(experiment, {"partition-id": 0})
-    state = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
+    state = GlobalModel.with_lora(tiny_vit_cache, 4, experiment.backbone.lora).initial_state()
     out = run_local_round(experiment, node, [0, 5], slice_state(state, [0, 5]), _toy_data(), 4, 1)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.delta.values())
 
@@ -63,7 +63,7 @@ def test_bf16_autocast_runs_on_cpu(tiny_vit_cache: Path) -> None:
 def test_training_lowers_the_loss(tiny_vit_cache: Path) -> None:
     experiment = _experiment(tiny_vit_cache, local_steps=30)
     node = resolve_node(experiment, {"partition-id": 0})
-    model = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora)
+    model = GlobalModel.with_lora(tiny_vit_cache, 4, experiment.backbone.lora)
     state = model.initial_state()
     before = model.evaluate(state, {"toy": _toy_data()})["toy"]["loss"]
     out = run_local_round(experiment, node, list(range(6)), state, _toy_data(), 4, 1)
@@ -89,7 +89,7 @@ def test_a_frozen_head_is_the_same_on_the_server_and_every_client(tiny_vit_cache
               "clients": {"capacities": [6, 2]}, "seed": 7,
               "training": {"local_steps": 3, "batch_size": 16, "optimizer": "adamw", "lr": 0.01}}
     experiment = experiment_from_dict(values)
-    server = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora, seed=7)
+    server = GlobalModel.with_lora(tiny_vit_cache, 4, experiment.backbone.lora, seed=7)
     state = server.initial_state()
     node = resolve_node(experiment, {"partition-id": 1})
     torch.manual_seed(123)  # a client's own random state must not matter
@@ -101,7 +101,7 @@ def test_a_frozen_head_is_the_same_on_the_server_and_every_client(tiny_vit_cache
     assert not any(p.requires_grad for p in client.get_classifier().parameters())
     for name, value in server.model.get_classifier().state_dict().items():
         torch.testing.assert_close(client.get_classifier().state_dict()[name], value)
-    other = GlobalModel(tiny_vit_cache, 4, experiment.backbone.lora, seed=8).model.get_classifier()
+    other = GlobalModel.with_lora(tiny_vit_cache, 4, experiment.backbone.lora, seed=8).model.get_classifier()
     assert not torch.equal(other.weight, server.model.get_classifier().weight)  # drawn from the run's seed
     assert local.delta["blocks.5.mlp.fc2.lora_B.weight"].abs().sum() > 0  # adapters train against it
 

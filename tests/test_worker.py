@@ -1,9 +1,7 @@
 """The node's warm worker: the same results as the ClientApp's own, and never a failed round because of it."""
 
 import io
-import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from client_app import worker
 from fedra_core.config import experiment_from_dict
@@ -68,7 +65,7 @@ def _task(cache: Path, steps: int = 1) -> tuple[dict, dict, dict]:
         "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 10},
         "clients": {"capacities": [3, 2, 1]},
         "training": {"local_steps": steps, "batch_size": 8, "optimizer": "adamw", "lr": 0.01}})
-    state = global_model(experiment, cache, 10, 6, "cpu").initial_state()
+    state = global_model(experiment, cache, 10, "cpu").initial_state()
     arrays = {}
     for name, array in encode(slice_state(state, [1, 4])).items():
         buffer = io.BytesIO()
@@ -159,53 +156,5 @@ def test_outside_a_deployed_clientapp_the_worker_is_off() -> None:
     assert worker.call("query", {}, {}, {"partition-id": 0}) is None
 
 
-# ----------------------------------------------------------------- a real deployment
-def _worker_pids(node_pids: list[int]) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"client_app.worker" in args and any(args[i + 1] == str(p).encode() for p in node_pids
-                                                   for i, a in enumerate(args[:-1]) if a == b"--parent-pid"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def test_deployed_rounds_use_the_worker_and_survive_its_death(tmp_path: Path, tiny_vit_cache: Path) -> None:
-    experiment = tmp_path / "tiny.yaml"
-    experiment.write_text(yaml.safe_dump({
-        "name": "tiny", "seed": 3,
-        "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
-        "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 30},
-        "clients": {"capacities": [6, 4, 2]}, "strategy": {"reply_timeout": 300},
-        "training": {"rounds": 3, "local_steps": 1, "batch_size": 16, "optimizer": "adamw", "lr": 0.003}}))
-    workdir, run_dir = tmp_path / "cluster", tmp_path / "out" / "tiny"
-    command = [sys.executable, str(ROOT / "deploy" / "local_cluster.py"), "--workdir", str(workdir),
-               "--max-layers", "6,4,2", "-c", f"experiment='{experiment}' output-dir='{tmp_path / 'out'}'"]
-    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-
-    def records() -> list[dict]:
-        path = run_dir / "rounds.jsonl"
-        return [json.loads(line) for line in (path.read_text().split("\n")[:-1] if path.is_file() else [])]
-
-    killed: list[int] = []
-    try:
-        _wait(lambda: len(records()) >= 3 or _exited(launcher), 900, "round 2")
-        nodes = [p for n, p in json.loads((workdir / "pids.json").read_text()).items() if n.startswith("node")]
-        killed = _worker_pids(nodes)
-        for pid in killed:  # round 3 is being trained: its ClientApps find no worker, or lose it
-            os.kill(pid, signal.SIGKILL)
-        assert launcher.wait(timeout=900) == 0
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    done = records()
-    assert [r["round"] for r in done] == [0, 1, 2, 3]
-    assert all(c["status"] == "ok" for r in done[1:] for c in r["clients"])
-    assert len(killed) == 3
-    served = [c["metrics"].get("worker", 0) for c in done[2]["clients"]]
-    assert served == [1, 1, 1]  # round 2: every node's worker was warm
-    _wait(lambda: not _worker_pids(nodes), 60, "the workers to exit with their SuperNodes")
+# The warm worker in a real deployment (rounds served by it, then its death mid-round):
+# tests/test_deployment.py, test_deployed_rounds_use_the_worker_and_survive_its_death.
