@@ -18,7 +18,7 @@ WEIGHTINGS = ("uniform", "num-examples")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 EVALUATION_MODES = ("server", "clients", "both")
-BUILTIN_BACKBONES = ("digits-vit", "digits-vit-sd")
+BUILTIN_BACKBONES = ("digits-vit", "digits-vit-sd", "digits-vit-s", "digits-vit-l")
 
 
 class ConfigError(ValueError):
@@ -49,16 +49,80 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class AdapterSettings:
+    """HeteroTune's DeMA adapter (fedra_core.hetero): the shared space, its experts and slots."""
+
+    rank: int = 16  # size of the space every architecture shares
+    experts: int = 4  # shared expert branches per slot, all active
+    slots: int = 4  # shared slots; blocks map to them by relative depth
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "backbone.adapter.rank", self.rank, "an integer >= 1")
+        _require(self.experts >= 1, "backbone.adapter.experts", self.experts, "an integer >= 1")
+        _require(self.slots >= 1, "backbone.adapter.slots", self.slots, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    """One backbone of a heterogeneous federation (HeteroTune): its name, cache and builtin recipe."""
+
+    name: str
+    cache: str
+    builtin: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and 0 < len(self.name) <= 32 and is_plain_name(self.name)
+                 and "." not in self.name, "backbone.architectures[].name", self.name,
+                 "a short plain name without '/' or '.'")
+        _require(self.builtin is None or self.builtin in BUILTIN_BACKBONES,
+                 f"backbone.architectures[{self.name}].builtin", self.builtin, f"null or one of {BUILTIN_BACKBONES}")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache).expanduser()
+
+
+@dataclass(frozen=True)
 class BackboneConfig:
-    """Where the frozen backbone lies and how it is adapted."""
+    """Where the frozen backbone lies and how it is adapted.
+
+    A heterogeneous method (``hetero``, ``isolated``, ``hetero-largest``) reads
+    ``architectures`` (smallest first, largest last) and ``adapter`` instead of
+    ``cache``, ``builtin`` and ``lora``.
+    """
 
     cache: str = "~/.cache/fedra/backbones/digits-vit"
     builtin: str | None = None  # a recipe that builds the cache when it is missing
     lora: LoraSettings = field(default_factory=LoraSettings)
+    architectures: tuple[ArchitectureConfig, ...] = ()
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
 
     def __post_init__(self) -> None:
         _require(self.builtin is None or self.builtin in BUILTIN_BACKBONES,
                  "backbone.builtin", self.builtin, f"null or one of {BUILTIN_BACKBONES}")
+        archs = []
+        for i, arch in enumerate(self.architectures):
+            if isinstance(arch, Mapping):
+                arch = _build(ArchitectureConfig, arch, f"backbone.architectures[{i}]")
+            _require(isinstance(arch, ArchitectureConfig), f"backbone.architectures[{i}]", arch,
+                     "a mapping with name, cache and optionally builtin")
+            archs.append(arch)
+        names = [a.name for a in archs]
+        _require(len(set(names)) == len(names), "backbone.architectures", names, "distinct names")
+        caches = [str(a.cache_path) for a in archs]
+        _require(len(set(caches)) == len(caches), "backbone.architectures", caches, "a distinct cache each")
+        object.__setattr__(self, "architectures", tuple(archs))
+
+    @property
+    def architecture_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.architectures)
+
+    def architecture(self, name: str) -> ArchitectureConfig:
+        """The architecture called ``name``; ``ConfigError`` naming the known ones."""
+        for arch in self.architectures:
+            if arch.name == name:
+                return arch
+        raise ConfigError(f"architecture {name!r} is not in backbone.architectures {self.architecture_names}")
 
     @property
     def cache_path(self) -> Path:
@@ -101,10 +165,14 @@ class ClientsConfig:
     """Per-client (simulation partition) settings; a node's own node-config wins."""
 
     capacities: tuple[int, ...] = (12, 10, 8, 6, 4, 3)
+    # HeteroTune: the architecture (a backbone.architectures name) each client runs, one per client
+    architectures: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _require(len(self.capacities) > 0, "clients.capacities", self.capacities,
                  "one capacity per client")
+        _require(self.architectures is None or len(self.architectures) == len(self.capacities),
+                 "clients.architectures", self.architectures, f"one name per client ({len(self.capacities)})")
 
 
 @dataclass(frozen=True)
@@ -128,6 +196,8 @@ class StrategyConfig:
     # 0: plain per-key mean; > 0: momentum distillation as the reference code's agg_inclusiveFL,
     # this share (0.2 there) of the larger depth's last deltas mixed into each smaller depth's top block
     inclusivefl_momentum: float = 0.0
+    # HeteroTune (method hetero): align the architectures' updates of every shared tensor before averaging
+    cmga: bool = True
 
     def __post_init__(self) -> None:
         _require(self.method in method_names(), "strategy.method", self.method, f"one of {method_names()}")
@@ -220,6 +290,28 @@ class Experiment:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        from fedra_core.methods import method_class
+
+        archs, clients = self.backbone.architectures, self.clients.architectures
+        method = self.strategy.method
+        if not method_class(method).heterogeneous:
+            _require(not archs and clients is None, "backbone.architectures / clients.architectures",
+                     self.backbone.architecture_names or clients,
+                     f"nothing for strategy.method {method!r} (only hetero, isolated and hetero-largest "
+                     "mix architectures)")
+            return
+        _require(len(archs) >= 1, "backbone.architectures", archs,
+                 f"at least one architecture for strategy.method {method!r}")
+        _require(clients is not None, "clients.architectures", clients,
+                 f"one architecture name per client for strategy.method {method!r}")
+        for i, name in enumerate(clients or ()):
+            _require(name in self.backbone.architecture_names, f"clients.architectures[{i}]", name,
+                     f"one of backbone.architectures {self.backbone.architecture_names}")
+        _require(self.evaluation.mode == "server", "evaluation.mode", self.evaluation.mode,
+                 f"'server' for strategy.method {method!r} (every architecture is evaluated on every domain "
+                 "by the server; the nodes' evaluation covers one backbone)")
 
     @property
     def num_clients(self) -> int:
@@ -440,7 +532,7 @@ def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> Node
         raise ConfigError(f"node-config: partition-id {pid} is outside 0..{experiment.num_clients - 1}"
                           f" (the experiment has {experiment.num_clients} clients)")
     # The node's own paths always win: a server's experiment never chooses where a node reads.
-    cache = node_config.get("backbone-cache", experiment.backbone.cache)
+    cache = node_config.get("backbone-cache", _default_cache(experiment, pid))
     own: int | None = None
     if "max-layers" in node_config:
         own = _int_key(node_config, "max-layers")
@@ -464,6 +556,16 @@ def resolve_node(experiment: Experiment, node_config: Mapping[str, Any]) -> Node
         own_max_layers=own,
         limits=limits,
     )
+
+
+def _default_cache(experiment: Experiment, partition_id: int) -> str:
+    """The cache a partition reads unless its node-config names one: its architecture's, or the one backbone's."""
+    from fedra_core.methods import method_for
+
+    architecture = method_for(experiment).architecture_of(partition_id)
+    if architecture is None:
+        return experiment.backbone.cache
+    return experiment.backbone.architecture(architecture).cache
 
 
 def _layers_for_budget(budget_mb: Any, cache: Path) -> int:

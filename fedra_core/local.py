@@ -51,7 +51,7 @@ def build_submodel(experiment: Experiment, node: NodeSettings, layers: list[int]
 
 def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int],
                     received: Mapping[str, torch.Tensor], train_set: torch.utils.data.Dataset,
-                    num_classes: int, server_round: int) -> LocalRound:
+                    num_classes: int, server_round: int, architecture: str | None = None) -> LocalRound:
     """Train the held blocks' adapters (and the head) on local data.
 
     Parameters
@@ -71,6 +71,9 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     server_round : int
         The round, which seeds the data order together with the run's seed and sets
         DepthFL's distillation weight when it ramps.
+    architecture : str, optional
+        The backbone architecture the node runs (heterogeneous methods): the task
+        names it; by default the one the experiment gives the node's partition.
 
     Returns
     -------
@@ -80,7 +83,7 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     start = time.perf_counter()
     num_layers = read_meta(node.backbone_cache).num_layers
     method = method_for(experiment)
-    architecture = method.architecture_of(node.partition_id)
+    architecture = architecture or method.architecture_of(node.partition_id)
     if len(layers) > method.max_blocks(node.max_layers, num_layers):
         raise ValueError(f"the server sent {len(layers)} blocks but this node holds at most {node.max_layers}")
     model, stats = build_submodel(experiment, node, layers, num_classes, received, architecture)

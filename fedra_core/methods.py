@@ -139,9 +139,13 @@ class Method:
         return None
 
     # ------------------------------------------------------------------ server
+    def architectures(self) -> tuple[str, ...]:
+        """The architectures whose global models the run keeps and evaluates; () for one backbone."""
+        return ()
+
     def sendable(self, state: Mapping[str, "torch.Tensor"], layers: Sequence[int],
-                 architecture: str | None = None) -> "State":
-        """The part of the global state a client holding ``layers`` is sent."""
+                 architecture: str | None = None, depth: int | None = None) -> "State":
+        """The part of the global state a client holding ``layers`` (of a ``depth``-block backbone) is sent."""
         from fedra_core.lora import slice_state
 
         return slice_state(state, list(layers))
@@ -277,3 +281,107 @@ class DepthFL(Method):
         from fedra_core.baselines import classifier_logits
 
         return classifier_logits
+
+
+# ------------------------------------------------------------------- model heterogeneity
+@register
+class Hetero(Method):
+    """HeteroTune after its abstracts (this project's design, ``fedra_core.hetero``).
+
+    Clients run different backbones (``clients.architectures``); each holds random blocks
+    of its own backbone as FedRA (its capacity relative to that backbone's depth) and
+    trains DeMA adapters whose cores are shared across architectures; with
+    ``strategy.cmga`` the shared tensors' updates are aligned across architectures.
+    """
+
+    name = "hetero"
+    heterogeneous = True
+    share = True  # shared parts under shared names; ``isolated`` gives them the architecture's
+
+    def architecture_of(self, partition_id: int) -> str | None:
+        return self.experiment.clients.architectures[partition_id]
+
+    def architectures(self) -> tuple[str, ...]:
+        return self.experiment.backbone.architecture_names
+
+    def allocate(self, capacities: Sequence[int], depths: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+        """FedRA's random allocation inside each client's own backbone; columns beyond its depth stay empty."""
+        width = max(depths, default=0)
+        matrix = np.zeros((len(capacities), width), dtype=bool)
+        for row, (capacity, depth) in enumerate(zip(capacities, depths)):
+            matrix[row, :depth] = allocate([capacity], depth, rng, method="fedra")[0]
+        return matrix
+
+    def build(self, model: "nn.Module", num_classes: int, num_layers: int,
+              architecture: str | None = None) -> "nn.Module":
+        from fedra_core.hetero import attach_dema
+
+        return attach_dema(model, self.experiment.backbone.adapter, num_layers, num_classes, self.experiment.seed)
+
+    def trainable_state(self, model: "nn.Module", architecture: str | None = None) -> "State":
+        from fedra_core.hetero import trainable_state
+
+        return trainable_state(model, _named(architecture), self.share)
+
+    def load_state(self, model: "nn.Module", state: Mapping[str, "torch.Tensor"],
+                   architecture: str | None = None) -> None:
+        from fedra_core.hetero import load_state
+
+        load_state(model, state, _named(architecture), self.share)
+
+    def sendable(self, state: Mapping[str, "torch.Tensor"], layers: Sequence[int],
+                 architecture: str | None = None, depth: int | None = None) -> "State":
+        from fedra_core.hetero import needed
+
+        if depth is None:
+            raise ValueError("a heterogeneous method slices the state by the client's backbone depth")
+        slots = self.experiment.backbone.adapter.slots
+        return {k: v for k, v in state.items()
+                if needed(k, _named(architecture), layers, depth, slots, self.share)}
+
+    def aggregate(self, global_state: Mapping[str, "torch.Tensor"], deltas: Sequence[Mapping[str, "torch.Tensor"]],
+                  weights: Sequence[float] | None, architectures: Sequence[str | None]
+                  ) -> tuple["State", dict[str, Any]]:
+        if not (self.share and self.experiment.strategy.cmga):
+            return super().aggregate(global_state, deltas, weights, architectures)
+        from fedra_core.hetero import cmga_aggregate
+
+        state, info = cmga_aggregate(global_state, deltas, weights, [_named(a) for a in architectures])
+        return state, {"cmga": info}
+
+
+@register
+class Isolated(Hetero):
+    """The baseline without cross-model sharing: each architecture tunes only with its own clients."""
+
+    name = "isolated"
+    share = False
+
+
+@register
+class HeteroLargest(Hetero):
+    """The upper reference: every client runs the largest architecture (listed last), all of its blocks."""
+
+    name = "hetero-largest"
+
+    @property
+    def largest(self) -> str:
+        return self.experiment.backbone.architecture_names[-1]
+
+    def architecture_of(self, partition_id: int) -> str | None:
+        return self.largest
+
+    def architectures(self) -> tuple[str, ...]:
+        return (self.largest,)
+
+    def allocate(self, capacities: Sequence[int], depths: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+        return super().allocate(depths, depths, rng)
+
+    def max_blocks(self, node_max_layers: int, num_layers: int) -> int:
+        return num_layers
+
+
+def _named(architecture: str | None) -> str:
+    if not architecture:
+        raise ValueError("a heterogeneous method needs the client's architecture")
+    return architecture

@@ -80,3 +80,23 @@ def _participation(records: Sequence[dict[str, Any]]) -> np.ndarray:
         for row, alloc in zip(record["rows"], record["allocation"]):
             counts[row["partition_id"]] += np.array(alloc)
     return counts
+
+
+def plot_architectures(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Mean accuracy over the domains of each architecture's global model against the round (HeteroTune)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    evaluated = [r for r in records if r.get("architectures")]
+    rounds = [r["round"] for r in evaluated]
+    for arch in dict.fromkeys(a for r in evaluated for a in r["architectures"]):
+        ax.plot(rounds, [100 * r["architectures"].get(arch, {}).get("mean_accuracy", np.nan) for r in evaluated],
+                lw=2, label=arch)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean accuracy over the domains (%)")
+    ax.set_title(title or "Each architecture's global model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

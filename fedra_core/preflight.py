@@ -109,27 +109,47 @@ def experiment_of_run(app_root: Path, run_config: Mapping[str, Any]) -> Experime
 
 def backbone_depth(experiment: Experiment) -> int:
     """Blocks of the backbone the run will use: its cache's, or the builtin recipe's if not built yet."""
+    return cache_depth(experiment.backbone.cache_path, experiment.backbone.builtin, "backbone")
+
+
+def cache_depth(cache: Path, builtin: str | None, key: str) -> int:
+    """Blocks of the backbone in ``cache`` (the experiment's ``key``), or of its builtin recipe if not built yet."""
     from fedra_core.backbone import BackboneCacheError, read_meta  # torch: only once the experiment loaded
 
-    cache = experiment.backbone.cache_path
-    builtin = experiment.backbone.builtin
     if builtin:
         from fedra_core.pretrain import RECIPES
 
         if builtin not in RECIPES:
-            raise PreflightError(f"backbone.builtin: {builtin!r} is not a builtin backbone; known: {sorted(RECIPES)}")
+            raise PreflightError(f"{key}.builtin: {builtin!r} is not a builtin backbone; known: {sorted(RECIPES)}")
         try:
             held = read_meta(cache).source
         except BackboneCacheError:
             held = ""  # not built yet: the server builds it on first use
         if held and not held.startswith(f"builtin:{builtin}:"):
-            raise PreflightError(f"backbone.cache {cache} holds another backbone ({held}), not the builtin "
-                                 f"{builtin!r}; point backbone.cache elsewhere or set backbone.builtin to null")
+            raise PreflightError(f"{key}.cache {cache} holds another backbone ({held}), not the builtin "
+                                 f"{builtin!r}; point {key}.cache elsewhere or set {key}.builtin to null")
         return int(RECIPES[builtin]["kwargs"]["depth"])
     try:
         return read_meta(cache).num_layers
     except BackboneCacheError as err:
-        raise PreflightError(f"backbone.cache: {err}") from None
+        raise PreflightError(f"{key}.cache: {err}") from None
+
+
+def architecture_depths(experiment: Experiment) -> dict[str, int]:
+    """HeteroTune: each architecture's depth, from its cache or builtin recipe."""
+    return {arch.name: cache_depth(arch.cache_path, arch.builtin, f"backbone.architectures[{arch.name}]")
+            for arch in experiment.backbone.architectures}
+
+
+def check_hetero_capacities(experiment: Experiment, depths: Mapping[str, int]) -> None:
+    """Every client's capacity within 1..the depth of its own architecture."""
+    for client, (capacity, name) in enumerate(zip(experiment.clients.capacities, experiment.clients.architectures)):
+        if not 1 <= capacity <= depths[name]:
+            raise PreflightError(f"clients.capacities[{client}] = {capacity} is outside 1..{depths[name]} "
+                                 f"(its architecture {name!r} has {depths[name]} blocks)")
+    slots = experiment.backbone.adapter.slots
+    if slots > min(depths.values()):
+        raise PreflightError(f"backbone.adapter.slots = {slots} exceeds the depth of an architecture {dict(depths)}")
 
 
 def check_capacities(experiment: Experiment, depth: int, node_capacities: Sequence[int | None] = ()) -> None:
@@ -229,8 +249,13 @@ def check_experiment(experiment: Experiment, node_capacities: Sequence[int | Non
     ``backbone-cache``); without a ``data-root`` the nodes read ``data.root``.
     """
     node_config = node_config or {}
-    depth = backbone_depth(experiment)
-    check_capacities(experiment, depth, node_capacities)
+    if experiment.backbone.architectures:
+        depths = architecture_depths(experiment)
+        check_hetero_capacities(experiment, depths)
+        depth = max(depths.values())
+    else:
+        depth = backbone_depth(experiment)
+        check_capacities(experiment, depth, node_capacities)
     if "backbone-cache" in node_config:
         check_node_cache(str(node_config["backbone-cache"]), depth)
     if "data-root" not in node_config or experiment.evaluation.on_server:

@@ -7,7 +7,7 @@ are crops of the same two scikit-learn sample photos as the benchmark's ``textur
 domain's backgrounds), and writes it as a backbone cache. Only the server (or
 ``python -m fedra_core.pretrain``) builds it; clients only read.
 
-Two recipes, the same data, model and budget:
+Two recipes for the 12-block, 64-wide ViT, the same data, model and budget:
 
 - ``digits-vit`` runs half of its batches through a random sub-model (a depth drawn
   uniformly from 1..12, then that many random blocks in order), the other half
@@ -22,6 +22,10 @@ Two recipes, the same data, model and budget:
   comparing FedRA with the depth-based baselines. Stochastic depth acts during
   pretraining only; the cache records the plain architecture, so tuning runs
   without it, as with the other recipe.
+
+HeteroTune's benchmark mixes architectures: ``digits-vit-s`` (32 wide, 8 blocks),
+``digits-vit`` (64 wide, 12 blocks) and ``digits-vit-l`` (96 wide, 12 blocks), all
+pretrained with ``digits-vit``'s recipe (random sub-models half of the time).
 
 The cache records a digest of the recipe, so a cache built by another version is
 rebuilt, not silently reused; a cache that holds other weights (an exported timm
@@ -63,6 +67,12 @@ _DIGITS_VIT: dict[str, Any] = {
 RECIPES: dict[str, dict[str, Any]] = {
     "digits-vit": {**_DIGITS_VIT, "random_depth": 0.5},
     "digits-vit-sd": {**_DIGITS_VIT, "drop_path_rate": 0.1},
+    # HeteroTune's family: the same recipe as digits-vit at other widths and depths, so a
+    # federation can mix a narrow shallow model (a phone's), digits-vit and a wider one.
+    "digits-vit-s": {**_DIGITS_VIT, "random_depth": 0.5,
+                     "kwargs": {**_DIGITS_VIT["kwargs"], "embed_dim": 32, "depth": 8, "num_heads": 2}},
+    "digits-vit-l": {**_DIGITS_VIT, "random_depth": 0.5,
+                     "kwargs": {**_DIGITS_VIT["kwargs"], "embed_dim": 96, "depth": 12, "num_heads": 4}},
 }
 
 

@@ -15,7 +15,8 @@ from fedra_core.config import ConfigError, Experiment
 from fedra_core.datasets import domain_names, test_sets
 from fedra_core.federated import global_model, require_num_classes
 from fedra_core.lora import State
-from fedra_core.plots import plot_accuracy, plot_allocations
+from fedra_core.methods import method_for
+from fedra_core.plots import plot_accuracy, plot_allocations, plot_architectures
 from fedra_core.pretrain import ensure_builtin_backbone
 from fedra_core.records import CheckpointError, RecordsError, RunInUse, RunOutput, claim_run_dir
 
@@ -30,12 +31,48 @@ def prepare_backbone(experiment: Experiment) -> CacheMeta:
     return read_meta(cache)
 
 
-def check_experiment(experiment: Experiment, meta: CacheMeta) -> None:
+def prepare_backbones(experiment: Experiment) -> dict[str | None, CacheMeta]:
+    """Every backbone the run's global models use: ``{None: meta}``, or one per architecture (HeteroTune)."""
+    names = method_for(experiment).architectures()
+    if not names:
+        return {None: prepare_backbone(experiment)}
+    metas: dict[str | None, CacheMeta] = {}
+    for name in names:
+        arch = experiment.backbone.architecture(name)
+        metas[name] = ensure_builtin_backbone(arch.cache_path, arch.builtin, seed=0) if arch.builtin \
+            else read_meta(arch.cache_path)
+    sources = [m.source for m in metas.values() if m.source]
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"backbone.architectures: two caches hold the same weights ({sources}); "
+                          "each architecture needs its own backbone")
+    return metas
+
+
+def cache_of(experiment: Experiment, architecture: str | None) -> Path:
+    """The cache of an architecture, or the experiment's one backbone."""
+    if architecture is None:
+        return experiment.backbone.cache_path
+    return experiment.backbone.architecture(architecture).cache_path
+
+
+def check_experiment(experiment: Experiment, meta: CacheMeta | Mapping[str | None, CacheMeta]) -> None:
     """Errors that need the backbone and the data: capacities against depth, client count."""
+    metas = meta if isinstance(meta, Mapping) else {None: meta}
+    method = method_for(experiment)
     for client, capacity in enumerate(experiment.clients.capacities):
-        if not 1 <= capacity <= meta.num_layers:
-            raise ConfigError(f"clients.capacities[{client}] = {capacity} is outside 1..{meta.num_layers} "
-                              f"(the backbone {meta.timm_name} has {meta.num_layers} blocks)")
+        architecture = method.architecture_of(client)
+        own = metas.get(architecture)
+        if own is None:
+            continue  # hetero-largest: every client runs the largest, its capacity is not used
+        where = f"the backbone {own.timm_name}" + (f" of architecture {architecture!r}" if architecture else "")
+        if not 1 <= capacity <= own.num_layers:
+            raise ConfigError(f"clients.capacities[{client}] = {capacity} is outside 1..{own.num_layers} "
+                              f"({where} has {own.num_layers} blocks)")
+    if method.heterogeneous:
+        depths = {name: m.num_layers for name, m in metas.items()}
+        slots = experiment.backbone.adapter.slots
+        if slots > min(depths.values()):
+            raise ConfigError(f"backbone.adapter.slots = {slots} exceeds the depth of an architecture {depths}")
     data = experiment.data
     if not experiment.evaluation.on_server and data.dataset == "folder" and not data.domains \
             and not Path(str(data.root)).expanduser().is_dir():
@@ -48,17 +85,22 @@ def check_experiment(experiment: Experiment, meta: CacheMeta) -> None:
                           f"= {expected} clients")
 
 
-def check_same_backbone(output: RunOutput, meta: CacheMeta) -> None:
+def check_same_backbone(output: RunOutput, meta: CacheMeta | Mapping[str | None, CacheMeta]) -> None:
     """Refuse to continue or read a run with other backbone weights than it was tuned on.
 
     Adapters only make sense on the weights they were trained with; a run records the
-    cache's ``source`` (e.g. the builtin recipe's digest) in ``config.yaml``. Runs from
-    before this was recorded are accepted.
+    cache's ``source`` (e.g. the builtin recipe's digest) in ``config.yaml``, one per
+    architecture for HeteroTune. Runs from before this was recorded are accepted.
     """
-    recorded = output.read_extras().get("backbone_source")
-    if recorded is not None and recorded != meta.source:
-        raise ConfigError(f"{output.dir} was tuned on the backbone {recorded!r} but the cache now holds "
-                          f"{meta.source!r}; point backbone.cache at the original weights")
+    metas = meta if isinstance(meta, Mapping) else {None: meta}
+    extras = output.read_extras()
+    recorded = {None: extras["backbone_source"]} if "backbone_source" in extras else \
+        dict(extras.get("backbone_sources") or {})
+    for name, own in metas.items():
+        if name in recorded and recorded[name] != own.source:
+            which = f"architecture {name!r}'s backbone" if name else "the backbone"
+            raise ConfigError(f"{output.dir} was tuned on {which} {recorded[name]!r} but the cache now holds "
+                              f"{own.source!r}; point the cache at the original weights")
 
 
 def unique_run_dir(base: Path, name: str) -> Path:
@@ -88,26 +130,38 @@ class ServerRun:
 
     def _setup(self, resume: bool) -> None:
         experiment = self.experiment
-        self.meta = prepare_backbone(experiment)
-        check_experiment(experiment, self.meta)
+        self.method = method_for(experiment)
+        self.metas = prepare_backbones(experiment)  # {None: the backbone}, or one per architecture
+        self.meta = next(iter(self.metas.values()))
+        check_experiment(experiment, self.metas)
+        self.test_sets_of: dict[str | None, dict[str, Any]] = {}
         if experiment.evaluation.on_server:
-            self.test_sets, self.num_classes = test_sets(experiment, self.meta)
+            by_input: dict[tuple, dict[str, Any]] = {}  # architectures that read images alike share test sets
+            for name, meta in self.metas.items():
+                key = (meta.image_size, meta.mean, meta.std)
+                if key not in by_input:
+                    by_input[key], self.num_classes = test_sets(experiment, meta)
+                self.test_sets_of[name] = by_input[key]
         else:  # the nodes evaluate on their own data: the server needs none
-            self.test_sets, self.num_classes = {}, require_num_classes(experiment)
+            self.test_sets_of, self.num_classes = {name: {} for name in self.metas}, require_num_classes(experiment)
+        self.test_sets = next(iter(self.test_sets_of.values()))
         device = experiment.training.device
         if device != "cpu" and not torch.cuda.is_available():
             logger.info("the server has no CUDA: the global model is evaluated on the CPU")
             device = "cpu"
-        self.model = global_model(experiment, experiment.backbone.cache_path, self.num_classes, device)
+        self.models = {name: global_model(experiment, cache_of(experiment, name), self.num_classes, device, name)
+                       for name in self.metas}
+        self.model = next(iter(self.models.values()))
         self.start_round = 0
         self.rng = np.random.default_rng(experiment.seed)
-        self.state = self.model.initial_state()
+        self.state = {}
+        for model in self.models.values():  # the shared parts start alike in every architecture
+            self.state.update(model.initial_state())
         self.server_state: State = {}  # the strategy's own state across rounds (checkpointed)
         if resume:
             self._resume()
         else:
-            self.output.write_config(experiment, {"backbone": self.meta.timm_name, "num_layers": self.meta.num_layers,
-                                                  "backbone_source": self.meta.source})
+            self.output.write_config(experiment, self._backbone_extras())
         self.started = time.perf_counter()
         self._round_started = time.perf_counter()
 
@@ -119,19 +173,60 @@ class ServerRun:
             raise ConfigError(f"resume: {err}") from None
         if set(checkpoint.state) != set(self.state):
             raise ConfigError(f"resume: the checkpoint in {self.output.dir} does not fit this experiment's model")
-        check_same_backbone(self.output, self.meta)
+        check_same_backbone(self.output, self.metas)
         self.state, self.start_round, self.rng = checkpoint.state, checkpoint.round, checkpoint.rng
         self.server_state = checkpoint.server_state
         self.output.truncate_rounds(checkpoint.round)
         logger.info("resuming %s after round %d", self.output.dir, checkpoint.round)
+
+    def _backbone_extras(self) -> dict[str, Any]:
+        if None in self.metas:
+            return {"backbone": self.meta.timm_name, "num_layers": self.meta.num_layers,
+                    "backbone_source": self.meta.source}
+        return {"backbone": ", ".join(f"{n}: {m.timm_name}" for n, m in self.metas.items()),
+                "architectures": {n: {"timm_name": m.timm_name, "num_layers": m.num_layers, "source": m.source,
+                                      "embed_dim": m.kwargs.get("embed_dim")} for n, m in self.metas.items()},
+                "backbone_sources": {n: m.source for n, m in self.metas.items()}}
 
     @property
     def num_layers(self) -> int:
         return self.meta.num_layers
 
     @property
+    def architectures(self) -> dict[str, tuple[str, int]]:
+        """Each architecture's (cache source, depth); empty for one backbone."""
+        return {n: (m.source, m.num_layers) for n, m in self.metas.items() if n is not None}
+
+    @property
     def remaining_rounds(self) -> int:
         return self.experiment.training.rounds - self.start_round
+
+    def _evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The server's evaluation of the global model(s) on every domain's test set.
+
+        With several architectures, each one's global model is evaluated on every
+        domain (``architectures``); ``accuracy`` is then each domain's mean over the
+        architectures and ``mean_accuracy`` the mean of that.
+        """
+        batch = self.experiment.training.eval_batch_size
+        if None in self.models:
+            results = self.model.evaluate(state, self.test_sets, batch)
+            accuracy = {name: r["accuracy"] for name, r in results.items()}
+            return {"accuracy": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values()))),
+                    "loss": {name: r["loss"] for name, r in results.items()}, **ensemble_record(results),
+                    "evaluated_by": "server"}
+        per_architecture = {}
+        for name, model in self.models.items():
+            depth = self.metas[name].num_layers
+            own = self.method.sendable(state, range(depth), name, depth)
+            results = model.evaluate(own, self.test_sets_of[name], batch)
+            accuracy = {domain: r["accuracy"] for domain, r in results.items()}
+            per_architecture[name] = {"accuracy": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values()))),
+                                      "loss": {domain: r["loss"] for domain, r in results.items()}}
+        domains = list(next(iter(per_architecture.values()))["accuracy"])
+        accuracy = {d: float(np.mean([a["accuracy"][d] for a in per_architecture.values()])) for d in domains}
+        return {"accuracy": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values()))),
+                "architectures": per_architecture, "evaluated_by": "server"}
 
     def end_round(self, server_round: int, state: Mapping[str, torch.Tensor],
                   train_record: Mapping[str, Any] | None, server_state: State | None = None,
@@ -147,11 +242,7 @@ class ServerRun:
         record: dict[str, Any] = {"round": server_round, **(train_record or {})}
         eval_start = time.perf_counter()
         if evaluation.on_server and evaluation.due(server_round, self.experiment.training.rounds):
-            results = self.model.evaluate(state, self.test_sets, self.experiment.training.eval_batch_size)
-            accuracy = {name: r["accuracy"] for name, r in results.items()}
-            record.update({"accuracy": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values()))),
-                           "loss": {name: r["loss"] for name, r in results.items()}, **ensemble_record(results),
-                           "evaluated_by": "server"})
+            record.update(self._evaluate(state))
         if client_eval is not None:
             record["client_eval"] = dict(client_eval)
             if not evaluation.on_server and client_eval.get("accuracy"):
@@ -175,11 +266,13 @@ class ServerRun:
     def finish(self) -> str:
         """Write the final adapters and plots; return the results table as Markdown."""
         records = self.output.read_rounds()
-        self.output.save_adapters(self.state, {"backbone": self.meta.timm_name, "method":
+        self.output.save_adapters(self.state, {"backbone": self._backbone_extras()["backbone"], "method":
                                                self.experiment.strategy.method,
                                                "rounds": str(records[-1]["round"] if records else 0)})
         plot_accuracy(records, self.output.dir / "accuracy.png", title=self.experiment.name)
         plot_allocations(records, self.output.dir / "allocation.png")
+        if None not in self.metas:
+            plot_architectures(records, self.output.dir / "architectures.png", title=self.experiment.name)
         table = results_table(records)
         (self.output.dir / "results.md").write_text(table + "\n")
         return table
@@ -201,7 +294,31 @@ def results_table(records: list[dict[str, Any]]) -> str:
             ensemble = record["ensemble_accuracy"]
             cells = " | ".join(f"{100 * ensemble[d]:.1f}" if d in ensemble else "–" for d in domains)
             lines.append(f"| {label}, ensemble | {cells} | **{100 * record['mean_ensemble_accuracy']:.1f}** |")
+        for arch, result in (record.get("architectures") or {}).items():
+            cells = " | ".join(f"{100 * result['accuracy'][d]:.1f}" if d in result["accuracy"] else "–"
+                               for d in domains)
+            lines.append(f"| {label}, {arch} | {cells} | **{100 * result['mean_accuracy']:.1f}** |")
+    traffic = architecture_traffic(records)
+    if traffic:
+        lines += ["", "| architecture | clients per round | bytes sent per client per round | bytes received |",
+                  "|---|---|---|---|"]
+        lines += [f"| {arch} | {t['clients']:.1f} | {t['sent']:,.0f} | {t['received']:,.0f} |"
+                  for arch, t in traffic.items()]
     return "\n".join(lines)
+
+
+def architecture_traffic(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per architecture: clients per round, mean bytes sent to and received from a client per round."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    rounds = [r for r in records if r.get("clients")]
+    for record in rounds:
+        for client in record["clients"]:
+            if client.get("architecture") and client.get("status") == "ok":
+                rows.setdefault(client["architecture"], []).append(client)
+    return {arch: {"clients": len(clients) / len(rounds),
+                   "sent": float(np.mean([c["bytes_sent"] for c in clients])),
+                   "received": float(np.mean([c["bytes_received"] for c in clients]))}
+            for arch, clients in sorted(rows.items())}
 
 
 def ensemble_record(results: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:

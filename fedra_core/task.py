@@ -122,6 +122,21 @@ def run_query(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tupl
     return metrics, {"domain": data.domain, "device": node.device, "backbone-source": meta.source}
 
 
+def task_architecture(config: Mapping[str, Any], experiment: Experiment) -> str | None:
+    """The backbone architecture the task names: one of the experiment's for a heterogeneous method, else none."""
+    from fedra_core.methods import method_for
+
+    value = config.get("architecture")
+    names = experiment.backbone.architecture_names
+    if not method_for(experiment).heterogeneous:
+        if value is not None:
+            raise TaskRefused(f"the task names architecture {value!r} but its method mixes no architectures")
+        return None
+    if not isinstance(value, str) or value not in names:
+        raise TaskRefused(f"the task's architecture {value!r} is not one of the experiment's {names}")
+    return value
+
+
 def _server_round(config: Mapping[str, Any]) -> int:
     value = config.get("server-round")
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -140,8 +155,10 @@ def run_train(config: Mapping[str, Any], arrays: RawArrays, node_config: Mapping
     wire_dtype = str(config.get("wire-dtype", "float32"))
     check_received({k: (d, s, len(b)) for k, (d, s, b) in arrays.items()}, layers, wire_dtype)
     server_round = _server_round(config)
+    architecture = task_architecture(config, experiment)
     received = decode(decode_raw(arrays))
-    local = run_local_round(experiment, node, layers, received, data.train, data.num_classes, server_round)
+    local = run_local_round(experiment, node, layers, received, data.train, data.num_classes, server_round,
+                            architecture)
     metrics = {
         "num-examples": local.result.num_examples, "train-loss": local.result.loss,
         "train-accuracy": local.result.accuracy, "train-seconds": local.result.seconds,

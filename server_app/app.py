@@ -68,7 +68,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Backbone %s: %d blocks; global trainable state: %s", run.meta.timm_name, run.num_layers,
         describe_state(run.state))
     strategy = FedRA(experiment, run.num_layers, run.rng, round_offset=run.start_round,
-                     backbone_source=run.meta.source, simulation=is_simulation(grid))
+                     backbone_source=run.meta.source, simulation=is_simulation(grid),
+                     architectures=run.architectures)
     strategy.load_server_state(run.server_state)
     strategy.discover(grid, wait_for=experiment.num_clients)
 

@@ -1,7 +1,7 @@
 """The FedRA Strategy: random block allocation, per-block masked averaging."""
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -38,6 +38,8 @@ class NodeInfo:
     max_layers: int
     domain: str
     num_examples: int
+    architecture: str | None = None  # HeteroTune: the backbone the node's cache holds
+    depth: int = 0  # blocks of that backbone
 
 
 @dataclass
@@ -113,11 +115,17 @@ class FedRA(Strategy):
         Whether the nodes are Flower's simulated SuperNodes, whose ``num-partitions``
         is the federation's true size; a deployed node's claim is never trusted to
         stop the run.
+    architectures : Mapping[str, tuple[str, int]], optional
+        HeteroTune: each architecture's cache source and depth. A node's architecture
+        is the one whose source its cache declares; a node whose cache is none of
+        them is excluded with the reason.
     """
 
     def __init__(self, experiment: Experiment, num_layers: int, rng: np.random.Generator,
-                 round_offset: int = 0, backbone_source: str = "", simulation: bool = False) -> None:
+                 round_offset: int = 0, backbone_source: str = "", simulation: bool = False,
+                 architectures: Mapping[str, tuple[str, int]] | None = None) -> None:
         self.experiment = experiment
+        self.architectures = dict(architectures or {})
         self.backbone_source = backbone_source
         self.simulation = simulation
         self.cfg = experiment.strategy
@@ -205,6 +213,9 @@ class FedRA(Strategy):
 
     def _node_info(self, node_id: int, reply: Message, first: bool = False) -> NodeInfo:
         declared = read_capacity(reply, self.experiment.num_clients)
+        self._check_federation_size(declared, first)
+        if self.method.heterogeneous:
+            return self._hetero_node_info(node_id, declared)
         if declared.backbone_layers is not None and declared.backbone_layers != self.num_layers:
             raise InvalidReply(f"its backbone cache has {declared.backbone_layers} blocks, "
                                f"the server's {self.num_layers}")
@@ -212,14 +223,32 @@ class FedRA(Strategy):
         if source and self.backbone_source and source != self.backbone_source:
             raise InvalidReply(f"its backbone cache holds other weights ({source}) than the server's "
                                f"({self.backbone_source}); give the node a copy of the server's cache")
+        return NodeInfo(node_id, declared.partition_id, min(declared.max_layers, self.num_layers),
+                        declared.domain, declared.num_examples, depth=self.num_layers)
+
+    def _check_federation_size(self, declared: Any, first: bool) -> None:
         partitions = declared.num_partitions
         if self.simulation and first and partitions is not None and partitions < self.experiment.num_clients:
             raise FederationTooSmall(
                 f"the federation has {partitions} partitions (simulated SuperNodes) but the experiment has "
                 f"{self.experiment.num_clients} clients (clients.capacities); run with "
                 f"--federation-config 'num-supernodes={self.experiment.num_clients}' (deploy/simulate.py does)")
-        return NodeInfo(node_id, declared.partition_id, min(declared.max_layers, self.num_layers),
-                        declared.domain, declared.num_examples)
+
+    def _hetero_node_info(self, node_id: int, declared: Any) -> NodeInfo:
+        """A node of a heterogeneous federation: its architecture is the one whose weights its cache holds."""
+        source = declared.backbone_source
+        known = {src: name for name, (src, _) in self.architectures.items()}
+        if not source or source not in known:
+            listed = ", ".join(f"{name}: {src}" for name, (src, _) in self.architectures.items())
+            raise InvalidReply(f"its backbone cache holds {source or 'weights of no recorded source'}, none of the "
+                               f"experiment's architectures ({listed}); give the node a copy of one of their caches")
+        architecture = known[source]
+        depth = self.architectures[architecture][1]
+        if declared.backbone_layers is not None and declared.backbone_layers != depth:
+            raise InvalidReply(f"its backbone cache has {declared.backbone_layers} blocks, architecture "
+                               f"{architecture!r} has {depth}")
+        return NodeInfo(node_id, declared.partition_id, min(declared.max_layers, depth), declared.domain,
+                        declared.num_examples, architecture, depth)
 
     def _sample(self, grid: Grid) -> list[NodeInfo]:
         connected = set(grid.get_node_ids())
@@ -240,7 +269,8 @@ class FedRA(Strategy):
     # ---------------------------------------------------------------- train
     def allocation(self, nodes: list[NodeInfo]) -> np.ndarray:
         """The round's allocation matrix, one row per sampled node (partition order)."""
-        return self.method.allocate([n.max_layers for n in nodes], [self.num_layers] * len(nodes), self.rng)
+        return self.method.allocate([n.max_layers for n in nodes], [n.depth or self.num_layers for n in nodes],
+                                    self.rng)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -252,11 +282,12 @@ class FedRA(Strategy):
         pending = PendingRound(self.round_offset + server_round, state, nodes, matrix)
         for row, node in enumerate(nodes):
             layers = layers_of(matrix, row)
-            pending.sent[node.node_id] = self.method.sendable(state, layers)
+            pending.sent[node.node_id] = self.method.sendable(state, layers, node.architecture, node.depth)
             record = to_record(pending.sent[node.node_id], self.cfg.wire_dtype)
             pending.bytes_sent[node.node_id] = serialized_bytes(record)
             cfg = ConfigRecord({**config, "server-round": pending.server_round, "layers": layers,
-                                "wire-dtype": self.cfg.wire_dtype, "experiment": self._experiment_json})
+                                "wire-dtype": self.cfg.wire_dtype, "experiment": self._experiment_json,
+                                **({"architecture": node.architecture} if node.architecture else {})})
             content = RecordDict({"arrays": record, "config": cfg})
             pending.messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                             dst_node_id=node.node_id))
@@ -298,7 +329,8 @@ class FedRA(Strategy):
         """The masked average of the accepted deltas, then the method's server-side step."""
         weights = [float(outcomes[n]["weight"]) for n in deltas]
         use = None if self.cfg.weighting == "uniform" else weights
-        state, info = self.method.aggregate(pending.state, list(deltas.values()), use, [None] * len(deltas))
+        architectures = [self.nodes[n].architecture for n in deltas]
+        state, info = self.method.aggregate(pending.state, list(deltas.values()), use, architectures)
         if info:
             self.last_record["aggregation"] = info
         return state
@@ -336,7 +368,8 @@ class FedRA(Strategy):
 
     def _round_record(self, pending: PendingRound, outcomes: dict[int, dict[str, Any]]) -> dict[str, Any]:
         rows = [{"node_id": n.node_id, "partition_id": n.partition_id, "domain": n.domain,
-                 "capacity": n.max_layers} for n in pending.nodes]
+                 "capacity": n.max_layers, **({"architecture": n.architecture} if n.architecture else {})}
+                for n in pending.nodes]
         clients = [{**outcomes[row["node_id"]], **row, "layers": layers_of(pending.matrix, i),
                     "bytes_sent": pending.bytes_sent[row["node_id"]]} for i, row in enumerate(rows)]
         trained = [outcomes[n.node_id]["status"] == "ok" for n in pending.nodes]

@@ -1,0 +1,234 @@
+"""HeteroTune: DeMA adapters on real timm ViTs of different widths and depths, names, slicing, CMGA, the strategy."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedra_core.aggregation import masked_average
+from fedra_core.backbone import assemble, import_timm, write_cache
+from fedra_core.config import ConfigError, experiment_from_dict
+from fedra_core.evaluation import GlobalModel
+from fedra_core.hetero import SEPARATOR, cmga_aggregate, slot_of
+from fedra_core.methods import method_for
+from flower_messages import StaticGrid, run_identity  # noqa: F401 - autouse fixture
+from server_app.strategy import FedRA
+
+NUM_CLASSES = 5
+ARCHS = {  # name: (embed_dim, depth, heads)
+    "s": (16, 4, 2),
+    "m": (32, 6, 2),
+    "l": (48, 6, 4),
+}
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three tiny ViT caches of different widths and depths, each recording its own source."""
+    timm = import_timm()
+    root = tmp_path_factory.mktemp("family")
+    caches = {}
+    for name, (dim, depth, heads) in ARCHS.items():
+        kwargs = {"img_size": 16, "patch_size": 4, "embed_dim": dim, "depth": depth, "num_heads": heads,
+                  "mlp_ratio": 2.0}
+        with torch.random.fork_rng():
+            torch.manual_seed(len(name) + dim)
+            model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **kwargs)
+        caches[name] = root / name
+        write_cache(model, "vit_tiny_patch16_224", kwargs, caches[name], source=f"test:{name}")
+    return caches
+
+
+def _experiment(family: dict[str, Path], method: str = "hetero", **strategy: object):  # noqa: ANN202
+    return experiment_from_dict({
+        "seed": 2,
+        "backbone": {"architectures": [{"name": n, "cache": str(c)} for n, c in family.items()],
+                     "adapter": {"rank": 4, "experts": 3, "slots": 2}},
+        "clients": {"capacities": [4, 2, 6, 3, 6, 6], "architectures": ["s", "s", "m", "m", "l", "l"]},
+        "strategy": {"method": method, **strategy},
+        "training": {"local_steps": 2, "batch_size": 8},
+    })
+
+
+def _model(family: dict[str, Path], arch: str, method: str = "hetero", layers: list[int] | None = None):  # noqa: ANN202
+    return GlobalModel(family[arch], NUM_CLASSES, method_for(_experiment(family, method)), layers=layers,
+                       architecture=arch)
+
+
+def test_slots_follow_relative_depth() -> None:
+    assert [slot_of(b, 8, 4) for b in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [slot_of(b, 12, 4) for b in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_architectures_share_only_the_cores_and_the_shared_head(family: dict[str, Path]) -> None:
+    small, large = _model(family, "s").initial_state(), _model(family, "l").initial_state()
+    shared_s = {k for k in small if SEPARATOR not in k}
+    shared_l = {k for k in large if SEPARATOR not in k}
+    assert shared_s == shared_l and shared_s  # the same slots (2), experts (3) and the shared head
+    assert {k.split(".")[1] for k in shared_s} == {"slot0", "slot1", "head"}
+    for key in shared_s:  # drawn from the run's seed alone: the same start in every architecture
+        torch.testing.assert_close(small[key], large[key])
+    assert all(k.startswith("s/") for k in set(small) - shared_s)
+    assert all(k.startswith("l/") for k in set(large) - shared_l)
+    assert small["s/blocks.0.adapter.down.weight"].shape == (4, 16)  # private: the width of the architecture
+    assert large["l/blocks.0.adapter.down.weight"].shape == (4, 48)
+    assert small["dema.slot0.experts.0.weight"].shape == (4, 4)  # shared: the fixed space
+    isolated = _model(family, "s", "isolated").initial_state()
+    assert all(k.startswith("s/") for k in isolated)  # nothing shared without cross-model sharing
+
+
+def test_adapters_start_as_identity_and_train_only_their_parts(family: dict[str, Path]) -> None:
+    model = _model(family, "m")
+    images = torch.randn(3, 3, 16, 16)
+    plain, _ = assemble(family["m"], None, NUM_CLASSES, "cpu")
+    with torch.no_grad():
+        features = model.model.forward_head(model.model.forward_features(images), pre_logits=True)
+        reference = plain.forward_head(plain.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(features, reference)  # up-projections start at zero
+    trainable = {k for k, p in model.model.named_parameters() if p.requires_grad}
+    assert trainable and all("adapter" in k or k.startswith(("dema.", "head.")) for k in trainable)
+
+
+def test_a_client_is_sent_its_blocks_its_slots_and_nothing_of_another_architecture(family: dict[str, Path]) -> None:
+    experiment = _experiment(family)
+    method = method_for(experiment)
+    state = {}
+    for arch in ARCHS:
+        state.update(_model(family, arch).initial_state())
+    sent = method.sendable(state, [0, 1], "m", 6)  # blocks 0, 1 of 6: slot 0 only
+    assert {k.split(".")[1] for k in sent if k.startswith("dema.slot")} == {"slot0"}
+    assert all(k.startswith(("m/", "dema.")) for k in sent)
+    assert {k.split(".")[1] for k in sent if k.startswith("m/blocks.")} == {"0", "1"}
+    assert "m/head.private.weight" in sent and "dema.head.weight" in sent
+    sub = _model(family, "m", layers=[0, 1])
+    assert set(sub.initial_state()) == set(sent)  # exactly what the sub-model trains
+    sub.load(sent)
+
+
+def test_cmga_removes_the_conflicting_component_and_counts_it() -> None:
+    base = {"dema.slot0.w": torch.zeros(2), "a/head": torch.zeros(1), "b/head": torch.zeros(1)}
+    deltas = [{"dema.slot0.w": torch.tensor([1.0, 0.0]), "a/head": torch.ones(1)},
+              {"dema.slot0.w": torch.tensor([-1.0, 1.0]), "b/head": torch.ones(1) * 3}]
+    state, info = cmga_aggregate(base, deltas, None, ["a", "b"])
+    # a's [1, 0] loses its component along b's [-1, 1]: [0.5, 0.5]; b's loses its along a's: [0, 1]
+    torch.testing.assert_close(state["dema.slot0.w"], torch.tensor([0.25, 0.75]))
+    assert info["conflicts"] == 1 and info["resolved"] == 2 and info["pairs"] == 1 and info["tensors"] == 1
+    assert info["mean_cosine"] == pytest.approx(-1 / 2 ** 0.5)
+    assert state["a/head"].item() == 1.0 and state["b/head"].item() == 3.0  # private: each its own clients
+
+
+def test_cmga_without_conflicts_is_the_plain_mean() -> None:
+    base = {"dema.w": torch.zeros(3), "a/x": torch.zeros(1)}
+    deltas = [{"dema.w": torch.tensor([1.0, 2.0, 0.0]), "a/x": torch.ones(1)},
+              {"dema.w": torch.tensor([3.0, 0.0, 1.0])}, {"dema.w": torch.tensor([1.0, 1.0, 1.0])}]
+    state, info = cmga_aggregate(base, deltas, [1.0, 2.0, 1.0], ["a", "b", "b"])
+    expected = masked_average(base, deltas, [1.0, 2.0, 1.0])
+    for key in base:
+        torch.testing.assert_close(state[key], expected[key])
+    assert info["conflicts"] == 0 and info["resolved"] == 0
+
+
+def _declare(node_id: int, partition: int, source: str, layers: int) -> Message:
+    query = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type="query")
+    capacity = MetricRecord({"max-layers": layers, "partition-id": partition, "num-partitions": 6,
+                             "num-examples": 10, "backbone-layers": layers})
+    reply = Message(RecordDict({"capacity": capacity, "node": ConfigRecord({"domain": f"d{partition}",
+                                                                            "backbone-source": source})}),
+                    reply_to=query)
+    return reply
+
+
+def test_strategy_maps_nodes_to_architectures_and_allocates_inside_each(family: dict[str, Path]) -> None:
+    experiment = _experiment(family)
+    strategy = FedRA(experiment, 6, np.random.default_rng(0),
+                     architectures={"s": ("test:s", 4), "m": ("test:m", 6), "l": ("test:l", 6)})
+    info = strategy._node_info(7, _declare(7, 0, "test:s", 4))
+    assert (info.architecture, info.depth, info.max_layers) == ("s", 4, 4)
+    with pytest.raises(Exception, match="none of the experiment's architectures"):
+        strategy._node_info(8, _declare(8, 1, "builtin:digits-vit:other", 12))
+    with pytest.raises(Exception, match="has 6"):
+        strategy._node_info(9, _declare(9, 2, "test:m", 12))
+    matrix = method_for(experiment).allocate([4, 2, 3], [4, 4, 6], np.random.default_rng(1))
+    assert matrix.shape == (3, 6) and matrix.sum(axis=1).tolist() == [4, 2, 3]
+    assert not matrix[:2, 4:].any()  # a 4-block backbone holds no block beyond its depth
+
+
+def test_strategy_sends_the_architecture_and_aggregates_with_cmga(family: dict[str, Path]) -> None:
+    experiment = _experiment(family)
+    sources = {"s": ("test:s", 4), "m": ("test:m", 6), "l": ("test:l", 6)}
+    strategy = FedRA(experiment, 6, np.random.default_rng(0), architectures=sources)
+    ids = [100 + i for i in range(6)]
+    archs = experiment.clients.architectures
+    strategy.nodes = {n: strategy._node_info(n, _declare(n, i, sources[archs[i]][0], sources[archs[i]][1]))
+                      for i, n in enumerate(ids)}
+    state = {}
+    for arch in ARCHS:
+        state.update(_model(family, arch).initial_state())
+    messages = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), StaticGrid(ids)))
+    assert [m.content["config"]["architecture"] for m in messages] == list(archs)
+    replies = []
+    for i, message in enumerate(messages):
+        sent = message.content["arrays"].to_torch_state_dict()
+        assert all(k.startswith((archs[i] + "/", "dema.")) for k in sent)
+        sign = 1.0 if archs[i] == "s" else -1.0  # the phones pull the shared parts against the others
+        replies.append(Message(RecordDict({"arrays": ArrayRecord({k: torch.full_like(v, sign) for k, v in sent.items()}),
+                                           "metrics": MetricRecord({"num-examples": 8})}), reply_to=message))
+    new_state, _ = strategy.aggregate_train(1, replies)
+    cmga = strategy.last_record["aggregation"]["cmga"]
+    assert cmga["conflicts"] > 0 and cmga["resolved"] > 0
+    assert {row["architecture"] for row in strategy.last_record["rows"]} == {"s", "m", "l"}
+    assert set(new_state.to_torch_state_dict()) == set(state)
+
+
+def test_experiments_that_cannot_mix_architectures_are_refused(family: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="clients.architectures"):
+        experiment_from_dict({"backbone": {"architectures": [{"name": "s", "cache": "/x"}]},
+                              "strategy": {"method": "hetero"}})
+    with pytest.raises(ConfigError, match="only hetero, isolated and hetero-largest"):
+        experiment_from_dict({"backbone": {"architectures": [{"name": "s", "cache": "/x"}]},
+                              "clients": {"capacities": [1], "architectures": ["s"]}})
+    with pytest.raises(ConfigError, match=r"clients.architectures\[1\]"):
+        experiment_from_dict({"backbone": {"architectures": [{"name": "s", "cache": "/x"}]},
+                              "clients": {"capacities": [1, 1], "architectures": ["s", "xl"]},
+                              "strategy": {"method": "hetero"}})
+    with pytest.raises(ConfigError, match="distinct cache"):
+        experiment_from_dict({"backbone": {"architectures": [{"name": "s", "cache": "/x"}, {"name": "m", "cache": "/x"}]},
+                              "clients": {"capacities": [1], "architectures": ["s"]}, "strategy": {"method": "hetero"}})
+
+
+def test_simulation_tunes_three_architectures_together(family: dict[str, Path], tmp_path: Path) -> None:
+    """A real Flower simulation (deploy/simulate.py): every architecture evaluated on every domain, bytes by architecture."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    values = _experiment(family).to_dict()
+    values.update({"name": "hetero-tiny", "data": {"dataset": "builtin-digits", "max_test_per_domain": 30},
+                   "training": {**values["training"], "rounds": 2, "optimizer": "adamw", "lr": 0.003}})
+    path = tmp_path / "hetero.yaml"
+    path.write_text(yaml.safe_dump(values))
+    command = [sys.executable, str(root / "deploy" / "simulate.py"), "--flwr-home", str(tmp_path / "flwr-home"),
+               "-c", f"experiment='{path}' output-dir='{tmp_path / 'out'}'"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "out" / "hetero-tiny"
+    records = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for record in records:
+        assert set(record["architectures"]) == {"s", "m", "l"}
+        for per_arch in record["architectures"].values():
+            assert len(per_arch["accuracy"]) == 6  # every domain
+    trained = records[-1]
+    assert [c["architecture"] for c in trained["clients"]] == ["s", "s", "m", "m", "l", "l"]
+    assert all(c["status"] == "ok" for c in trained["clients"])
+    assert trained["aggregation"]["cmga"]["tensors"] > 0
+    sent = {c["architecture"]: c["bytes_sent"] for c in trained["clients"]}
+    assert sent["s"] < sent["m"] < sent["l"]  # wider backbones and more blocks held: more bytes
+    table = (run / "results.md").read_text()
+    assert "round 2, s" in table and "bytes sent per client per round" in table
+    assert (run / "architectures.png").stat().st_size > 0
