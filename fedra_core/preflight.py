@@ -141,12 +141,19 @@ def architecture_depths(experiment: Experiment) -> dict[str, int]:
             for arch in experiment.backbone.architectures}
 
 
-def check_hetero_capacities(experiment: Experiment, depths: Mapping[str, int]) -> None:
-    """Every client's capacity within 1..the depth of its own architecture."""
-    for client, (capacity, name) in enumerate(zip(experiment.clients.capacities, experiment.clients.architectures)):
+def check_hetero_capacities(experiment: Experiment, depths: Mapping[str, int],
+                            node_capacities: Sequence[int | None] = ()) -> None:
+    """Every client's capacity (and node ``i``'s ``max-layers``) within 1..the depth of its own architecture."""
+    archs = experiment.clients.architectures
+    for client, (capacity, name) in enumerate(zip(experiment.clients.capacities, archs)):
         if not 1 <= capacity <= depths[name]:
             raise PreflightError(f"clients.capacities[{client}] = {capacity} is outside 1..{depths[name]} "
                                  f"(its architecture {name!r} has {depths[name]} blocks)")
+    for node, capacity in enumerate(node_capacities):
+        name = archs[node] if node < len(archs) else None
+        if capacity is not None and name is not None and not 1 <= capacity <= depths[name]:
+            raise PreflightError(f"--max-layers: node-{node} = {capacity} is outside 1..{depths[name]} "
+                                 f"(its partition runs architecture {name!r}, {depths[name]} blocks)")
     slots = experiment.backbone.adapter.slots
     if slots > min(depths.values()):
         raise PreflightError(f"backbone.adapter.slots = {slots} exceeds the depth of an architecture {dict(depths)}")
@@ -251,7 +258,7 @@ def check_experiment(experiment: Experiment, node_capacities: Sequence[int | Non
     node_config = node_config or {}
     if experiment.backbone.architectures:
         depths = architecture_depths(experiment)
-        check_hetero_capacities(experiment, depths)
+        check_hetero_capacities(experiment, depths, node_capacities)
         depth = max(depths.values())
     else:
         depth = backbone_depth(experiment)

@@ -232,3 +232,35 @@ def test_simulation_tunes_three_architectures_together(family: dict[str, Path], 
     table = (run / "results.md").read_text()
     assert "round 2, s" in table and "bytes sent per client per round" in table
     assert (run / "architectures.png").stat().st_size > 0
+
+
+def test_local_tls_cluster_runs_three_architectures(family: dict[str, Path], tmp_path: Path) -> None:
+    """deploy/local_cluster.py: a SuperLink with TLS and three SuperNodes, each on its own architecture's cache."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    values = _experiment(family).to_dict()
+    values.update({"name": "hetero-cluster",
+                   "data": {"dataset": "builtin-digits", "domains": ["clean", "inverted", "sketch"],
+                            "max_test_per_domain": 30},
+                   "clients": {"capacities": [4, 6, 6], "architectures": ["s", "m", "l"]},
+                   "training": {**values["training"], "rounds": 2, "optimizer": "adamw", "lr": 0.003}})
+    path = tmp_path / "hetero.yaml"
+    path.write_text(yaml.safe_dump(values))
+    command = [sys.executable, str(root / "deploy" / "local_cluster.py"), "--workdir", str(tmp_path / "cluster"),
+               "--no-proxy", "--max-layers", "2,3,6",
+               "-c", f"experiment='{path}' output-dir='{tmp_path / 'out'}'"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=1800,
+                            start_new_session=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "hetero-cluster" / "rounds.jsonl").read_text()
+               .splitlines()]
+    last = records[-1]
+    assert last["round"] == 2 and set(last["architectures"]) == {"s", "m", "l"}
+    clients = sorted(last["clients"], key=lambda c: c["partition_id"])
+    assert [(c["architecture"], len(c["layers"]), c["status"]) for c in clients] == \
+        [("s", 2, "ok"), ("m", 3, "ok"), ("l", 6, "ok")]  # each node's own max-layers, inside its own backbone
