@@ -79,7 +79,10 @@ def read_run(path: Path) -> Run:
     records = [json.loads(line) for line in rounds_file.read_text().splitlines() if line.strip()]
     if not any(r.get("accuracy") for r in records):
         raise ValueError(f"{rounds_file} holds no evaluated round")
-    method = config.get("strategy", {}).get("method", "fedra")
+    strategy = config.get("strategy", {})
+    method = strategy.get("method", "fedra")
+    if method == "hetero" and strategy.get("cmga") is False:
+        method = "hetero (CMGA off)"  # one method, two settings: told apart in the tables
     layers = int(config.get("run", {}).get("num_layers") or 0)
     if not layers:
         layers = max((len(r["allocation"][0]) for r in records if r.get("allocation")), default=0)
@@ -232,6 +235,38 @@ def results_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+def architecture_table(runs: Sequence[Run]) -> str:
+    """HeteroTune: each architecture's mean accuracy over the domains per method (final, last rounds), seeds' spread.
+
+    Empty when no run evaluated several architectures.
+    """
+    archs = list(dict.fromkeys(a for r in runs for a in (r.final.get("architectures") or {})))
+    if not archs:
+        return ""
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    lines = ["| method | " + " | ".join(f"{a} (final) | {a} (last {LAST_ROUNDS})" for a in archs) + " | seeds |",
+             "|---|" + "---|" * (2 * len(archs) + 1)]
+    for method, group in by_method.items():
+        cells = []
+        for arch in archs:
+            held = [r for r in group if arch in (r.final.get("architectures") or {})]
+            if not held:
+                cells += ["–", "–"]
+                continue
+            cells.append(_mean_std([r.final["architectures"][arch]["mean_accuracy"] for r in held]))
+            cells.append(_mean_std([_last_architecture_mean(r, arch) for r in held]))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {','.join(str(r.seed) for r in group)} |")
+    return "\n".join(lines)
+
+
+def _last_architecture_mean(run: Run, arch: str, count: int = LAST_ROUNDS) -> float:
+    values = [r["architectures"][arch]["mean_accuracy"] for r in run.records
+              if r.get("round", 0) > 0 and arch in (r.get("architectures") or {})]
+    return float(np.mean(values[-count:]))
+
+
 def participation(run: Run) -> tuple[np.ndarray, list[str]]:
     """How often each domain's clients trained each block, summed over rounds: ``(domains, blocks)``.
 
@@ -321,11 +356,15 @@ def report(run_dirs: Sequence[Path], out: Path, title: str = "") -> str:
             counts, _ = participation(run)
             total = counts.sum(axis=0) if counts.size else np.zeros(run.num_layers, dtype=int)
             blocks.append(f"| {run.method} | " + " | ".join(str(int(c)) for c in total) + " |")
+    per_architecture = architecture_table(runs)
+    if per_architecture:
+        blocks = ["", "Each architecture's global model, mean accuracy over every domain:", "", per_architecture,
+                  *blocks]
     heading = f"# {title}\n\n" if title else ""
     (out / "results.md").write_text(heading + table + "\n" + "\n".join(blocks) + "\n")
     plot_accuracy_per_method(runs, out / "accuracy.png", title)
     plot_participation(runs, out / "participation.png")
-    return table
+    return table + (f"\n\n{per_architecture}" if per_architecture else "")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
