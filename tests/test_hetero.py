@@ -232,6 +232,10 @@ def test_simulation_tunes_three_architectures_together(family: dict[str, Path], 
     table = (run / "results.md").read_text()
     assert "round 2, s" in table and "bytes sent per client per round" in table
     assert (run / "architectures.png").stat().st_size > 0
+    from fedra_core.compare import report
+
+    compared = report([run], tmp_path / "compared")  # the comparison's table per architecture
+    assert "| s (final) | s (last 5) |" in compared and "| hetero |" in compared
 
 
 def test_local_tls_cluster_runs_three_architectures(family: dict[str, Path], tmp_path: Path) -> None:
