@@ -268,3 +268,18 @@ def test_local_tls_cluster_runs_three_architectures(family: dict[str, Path], tmp
     clients = sorted(last["clients"], key=lambda c: c["partition_id"])
     assert [(c["architecture"], len(c["layers"]), c["status"]) for c in clients] == \
         [("s", 2, "ok"), ("m", 3, "ok"), ("l", 6, "ok")]  # each node's own max-layers, inside its own backbone
+
+
+def test_preflight_names_a_capacity_beyond_its_own_architecture(family: dict[str, Path]) -> None:
+    from fedra_core.preflight import PreflightError, check_experiment
+
+    values = _experiment(family).to_dict()
+    values["clients"]["capacities"] = [5, 2, 6, 3, 6, 6]  # s has 4 blocks
+    with pytest.raises(PreflightError, match=r"clients.capacities\[0\] = 5 is outside 1..4 .*architecture 's'"):
+        check_experiment(experiment_from_dict(values))
+    with pytest.raises(PreflightError, match=r"node-2 = 7 is outside 1..6 .*architecture 'm'"):
+        check_experiment(_experiment(family), node_capacities=[4, 4, 7])
+    values = _experiment(family).to_dict()
+    values["backbone"]["adapter"]["slots"] = 5
+    with pytest.raises(PreflightError, match="slots = 5 exceeds"):
+        check_experiment(experiment_from_dict(values))
