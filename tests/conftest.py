@@ -24,3 +24,18 @@ def tiny_vit_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("backbones") / "tiny-vit"
     write_cache(model, "vit_tiny_patch16_224", TINY_VIT, cache)
     return cache
+
+
+# The slowest modules first (each starts real Flower servers, test_compose.py containers), the
+# others in their usual order: with `make test`'s two pytest-xdist workers (--dist loadfile
+# --no-loadscope-reorder) the long ones start at once and the short ones fill in after.
+SLOW_FIRST = ["test_compose.py", "test_deployment.py", "test_resume.py", "test_federated_eval.py", "test_hetero.py",
+              "test_compare.py", "test_simulation.py", "test_hostile.py", "test_worker.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: tests keep their order within a module

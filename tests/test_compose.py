@@ -32,6 +32,7 @@ def test_compose_demo_runs_two_rounds_through_the_proxy(tmp_path: Path) -> None:
     assert result.returncode == 0, log[-6000:]
     assert "PASSED: 2 rounds over TLS through the proxy" in log
     assert not workdir.exists()  # credentials and outputs removed with the containers
-    project, tag = re.search(r"compose project (\S+), image (\S+)", log).groups()
+    project, tag = re.search(r"compose project (\S+), image (\S+), work folder", log).groups()
+    assert tag.startswith("localhost/fedra-compose-test:"), tag
     assert not [name for kind in ("container", "network", "volume") for name in _names(kind) if project in name]
     assert tag not in _names("image")
