@@ -6,6 +6,16 @@
    for the next run), the proxy's nginx image on it (kept too), and the project's image built
    from ``deploy/Dockerfile`` with ``--build-arg BASE=<that base>`` and the host's wheels
    (``deploy/compose/wheels.sh``, ``.wheels/`` reused), offline, under a tag of this run.
+   Two builds are kept for later runs, each tagged with the digest of what goes into it, the
+   newest only (``--rebuild`` builds both anew):
+   ``localhost/fedra-compose-deps:<digest>``, the base with the pinned dependencies installed
+   into the image's venv from ``.wheels/`` (digest: the base image's ID, deploy/Dockerfile,
+   requirements.txt and the names of the wheels), which the project image is then built on,
+   so a change of the app's source rebuilds only the app's layer; and
+   ``localhost/fedra-compose-cache:<digest>``, the project image itself (digest: the base
+   image's ID, deploy/Dockerfile, .dockerignore, wheels.sh, pyproject.toml and every source
+   file of the build context), which a later run with the same inputs tags for itself
+   instead of building anything. A clean machine builds everything.
 3. Credentials: a CA with the SuperLink's and the proxy's certificates (``deploy/make_certs.sh``),
    one authentication key pair per SuperNode (``deploy/make_keys.sh``).
 4. ``podman-compose up`` of the SuperLink and the proxy, registration of the three SuperNodes
@@ -28,6 +38,7 @@ Podman runs here with a containers.conf without default ulimits and with runc
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -48,6 +59,19 @@ ROOT = DEPLOY.parent
 COMPOSE_FILE = DEPLOY / "compose.yml"
 BASE_IMAGE = "localhost/fedra-debian-base:bookworm"
 PROXY_IMAGE = "localhost/fedra-proxy:bookworm"
+PROJECT_CACHE = "localhost/fedra-compose-cache"  # the last built project image, tagged by its inputs' digest
+DEPS_CACHE = "localhost/fedra-compose-deps"  # the base with the pinned dependencies in /opt/fedra, likewise
+# deploy/Dockerfile's dependency step alone (the app's wheel left out): what DEPS_CACHE holds.
+DEPS_DOCKERFILE = """ARG BASE
+FROM ${BASE}
+RUN --mount=type=bind,source=.wheels,target=/wheels \\
+    python3 -m venv /opt/fedra \\
+    && /opt/fedra/bin/pip install --no-cache-dir --no-index --find-links /wheels -r /wheels/requirements.txt
+"""
+# What deploy/Dockerfile's build reads (its context after .dockerignore) and what makes .wheels/.
+IMAGE_INPUTS = ["deploy/Dockerfile", ".dockerignore", "deploy/compose/wheels.sh", "pyproject.toml", "README.md",
+                "deploy/compose/flwr-config.toml"]
+IMAGE_INPUT_FOLDERS = ["fedra_core", "server_app", "client_app", "configs"]
 DEBIAN_MIRROR = "http://deb.debian.org/debian"  # unless apt's own sources name another
 APP_UID = 49999  # the image's user (deploy/Dockerfile)
 NODES = {"node-0": 12, "node-1": 6, "node-2": 3}  # as the compose file's --node-config max-layers
@@ -63,8 +87,11 @@ class ComposeTestError(Exception):
     """A step of the compose test failed; the message names it."""
 
 
+STARTED = time.monotonic()
+
+
 def say(text: str) -> None:
-    print(f"[compose-test] {text}", flush=True)
+    print(f"[compose-test] {text} (+{time.monotonic() - STARTED:.0f} s)", flush=True)
 
 
 def run(command: Sequence[str], env: dict[str, str] | None = None, check: bool = True,
@@ -132,8 +159,70 @@ def build_base_image(workdir: Path, env: dict[str, str]) -> None:
         raise ComposeTestError(f"podman import of the debootstrap base failed: {imported.stderr.strip()[-400:]}")
 
 
-def build_images(workdir: Path, tag: str, env: dict[str, str], build: bool = True) -> None:
-    """The proxy's nginx image (kept) and, if ``build``, the project's image from host wheels, offline."""
+def image_inputs_digest(env: dict[str, str]) -> str:
+    """Digest of what the project image is built from: base image ID, build files, the context's sources."""
+    digest = hashlib.sha256()
+    base = run(["podman", "image", "inspect", "--format", "{{.Id}}", BASE_IMAGE], env=env).stdout.strip()
+    digest.update(f"base {base}\npython {sys.version_info[:2]}\n".encode())
+    files = [ROOT / name for name in IMAGE_INPUTS] + sorted(DEPLOY.glob("*.yaml"))
+    for folder in IMAGE_INPUT_FOLDERS:
+        files += sorted(path for path in (ROOT / folder).rglob("*") if path.is_file()
+                        and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".key", ".pem"))
+    for path in files:
+        data = path.read_bytes() if path.is_file() else b"(absent)"
+        digest.update(f"{path.relative_to(ROOT)} {len(data)}\n".encode() + data)
+    return digest.hexdigest()[:20]
+
+
+def kept_images(repository: str, env: dict[str, str]) -> list[str]:
+    listed = run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", repository], env=env, check=False)
+    return [name for name in listed.stdout.split() if name.startswith(f"{repository}:")]
+
+
+def keep(image: str, repository: str, digest: str, env: dict[str, str]) -> str:
+    """Tag ``image`` as ``repository:digest``, the only one kept: older tags there are removed."""
+    for old in kept_images(repository, env):
+        if old != f"{repository}:{digest}":
+            run(["podman", "rmi", old], env=env, check=False)  # untags, or frees the space if no other tag
+    run(["podman", "tag", image, f"{repository}:{digest}"], env=env)
+    return f"{repository}:{digest}"
+
+
+def deps_digest(env: dict[str, str]) -> str:
+    """Digest of the dependency layer's inputs: base image ID, deploy/Dockerfile, requirements, wheel names."""
+    wheels = ROOT / ".wheels"
+    digest = hashlib.sha256()
+    base = run(["podman", "image", "inspect", "--format", "{{.Id}}", BASE_IMAGE], env=env).stdout.strip()
+    digest.update(f"base {base}\n{DEPS_DOCKERFILE}\n".encode())
+    digest.update((DEPLOY / "Dockerfile").read_bytes() + (wheels / "requirements.txt").read_bytes())
+    names = sorted(path.name for path in wheels.glob("*.whl") if not path.name.startswith("fedra_flower-"))
+    digest.update("\n".join(names).encode())
+    return digest.hexdigest()[:20]
+
+
+def build_deps_image(workdir: Path, env: dict[str, str], rebuild: bool) -> str:
+    """The base with the pinned dependencies in /opt/fedra (kept as DEPS_CACHE:<digest>); its name."""
+    digest = deps_digest(env)
+    if not rebuild and image_exists(f"{DEPS_CACHE}:{digest}", env):
+        say(f"dependencies unchanged: building on {DEPS_CACHE}:{digest}")
+        return f"{DEPS_CACHE}:{digest}"
+    say(f"building {DEPS_CACHE}:{digest}: the pinned dependencies from .wheels/, offline")
+    dockerfile = workdir / "deps.Dockerfile"
+    dockerfile.write_text(DEPS_DOCKERFILE)
+    staging = f"{DEPS_CACHE}-build:{os.getpid()}"
+    run(["podman", "build", "--network", "none", "--layers=false", "--build-arg", f"BASE={BASE_IMAGE}",
+         "-f", str(dockerfile), "-t", staging, str(ROOT)], env=env)
+    kept = keep(staging, DEPS_CACHE, digest, env)
+    run(["podman", "rmi", staging], env=env, check=False)
+    return kept
+
+
+def build_images(workdir: Path, tag: str, env: dict[str, str], build: bool = True, rebuild: bool = False) -> None:
+    """The proxy's nginx image (kept) and, if ``build``, the project's image from host wheels, offline.
+
+    The project image is reused when one built from the same inputs is kept (``PROJECT_CACHE``);
+    otherwise it is built from deploy/Dockerfile on the base with the dependencies (``DEPS_CACHE``).
+    """
     build_base_image(workdir, env)
     if not image_exists(PROXY_IMAGE, env):
         say(f"building {PROXY_IMAGE} (Debian's nginx-light)")
@@ -141,11 +230,22 @@ def build_images(workdir: Path, tag: str, env: dict[str, str], build: bool = Tru
              "-f", str(DEPLOY / "compose" / "nginx.Dockerfile"), "-t", PROXY_IMAGE, str(DEPLOY / "compose")], env=env)
     if not build:
         return
+    digest = image_inputs_digest(env)
+    cached = f"{PROJECT_CACHE}:{digest}"
+    if not rebuild and image_exists(cached, env):
+        say(f"project image unchanged: {cached} tagged {tag}")
+        run(["podman", "tag", cached, tag], env=env)
+        return
     say("wheels for the image (deploy/compose/wheels.sh)")
     run(["bash", str(DEPLOY / "compose" / "wheels.sh"), sys.executable])
-    say(f"building {tag} from deploy/Dockerfile, offline")
-    run(["podman", "build", "--network", "none", "--layers=false", "--build-arg", f"BASE={BASE_IMAGE}",
+    base = build_deps_image(workdir, env, rebuild)
+    say(f"building {tag} from deploy/Dockerfile on {base}, offline")
+    run(["podman", "build", "--network", "none", "--layers=false", "--build-arg", f"BASE={base}",
          "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT)], env=env)
+    if image_inputs_digest(env) != digest:
+        say("sources changed during the build: the image is not kept for later runs")
+        return
+    say(f"kept as {keep(tag, PROJECT_CACHE, digest, env)} for later runs with the same inputs")
 
 
 def make_credentials(workdir: Path) -> tuple[Path, Path]:
@@ -319,6 +419,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (credentials, outputs)")
     parser.add_argument("--image", default="",
                         help="use this already built project image (kept) instead of building one")
+    parser.add_argument("--rebuild", action="store_true",
+                        help=f"build the project image even if {PROJECT_CACHE} holds one from the same inputs")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -345,7 +447,7 @@ def demo(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
     """Build, start, run and check; raise ComposeTestError naming the first failed step."""
     started = time.monotonic()
     experiment = prepare(args, workdir, compose.env)
-    build_images(workdir, compose.env["FEDRA_IMAGE"], compose.env, build=not args.image)
+    build_images(workdir, compose.env["FEDRA_IMAGE"], compose.env, build=not args.image, rebuild=args.rebuild)
     built = time.monotonic()
     say(f"images ready after {built - started:.0f} s; starting the demo")
     start(compose, list(NODES))
