@@ -142,7 +142,8 @@ def node_blocks(cache: Path, max_layers: int | None, memory_budget_mb: float | N
 
 def predict(run_dir: Path, images: Sequence[Path], max_layers: int | None = None,
             memory_budget_mb: float | None = None, backbone_cache: Path | None = None, top_k: int = 5,
-            data_root: str | None = None, device: str = "cpu", batch_size: int = 32) -> PredictResult:
+            data_root: str | None = None, device: str = "cpu", batch_size: int = 32,
+            architecture: str | None = None) -> PredictResult:
     """Top-k classes of each image under a finished run's final adapters.
 
     Parameters
@@ -165,6 +166,9 @@ def predict(run_dir: Path, images: Sequence[Path], max_layers: int | None = None
         Where the model computes.
     batch_size : int
         Images run at once.
+    architecture : str, optional
+        For a HeteroTune run (several backbones): the architecture this node runs;
+        its cache defaults to the run's cache of that architecture.
 
     Returns
     -------
@@ -175,6 +179,11 @@ def predict(run_dir: Path, images: Sequence[Path], max_layers: int | None = None
         raise PredictError(f"--device {device!r} is not available here (cpu, or cuda / cuda:N with CUDA)")
     run = read_run(run_dir)
     experiment = run.experiment
+    if method_for(experiment).heterogeneous:
+        return _predict_architecture(run, experiment, images, architecture, max_layers, memory_budget_mb,
+                                     backbone_cache, top_k, data_root, device, batch_size)
+    if architecture is not None:
+        raise PredictError(f"--architecture: {run_dir} tuned one backbone, not several architectures")
     cache = Path(backbone_cache) if backbone_cache else experiment.backbone.cache_path
     meta = read_meta(cache)
     check_same_backbone(run.output, meta)
@@ -198,6 +207,42 @@ def predict(run_dir: Path, images: Sequence[Path], max_layers: int | None = None
         Prediction(str(path), tuple((names[i], i, float(p)) for p, i in zip(probs.tolist(), labels.tolist())))
         for path, probs, labels in zip(files, top.values, top.indices))
     return PredictResult("streamed" if streamed else "in-memory", depth, holds, predictions)
+
+
+def _predict_architecture(run: _Run, experiment: Experiment, images: Sequence[Path], architecture: str | None,
+                          max_layers: int | None, memory_budget_mb: float | None, backbone_cache: Path | None,
+                          top_k: int, data_root: str | None, device: str, batch_size: int) -> PredictResult:
+    """A HeteroTune run: the global model of one architecture, held in memory."""
+    method = method_for(experiment)
+    names_known = method.architectures()
+    if architecture not in names_known:
+        raise PredictError(f"--architecture: this run tuned the architectures {', '.join(names_known)}; "
+                           f"name the one this node runs (got {architecture!r})")
+    cache = Path(backbone_cache) if backbone_cache else experiment.backbone.architecture(architecture).cache_path
+    meta = read_meta(cache)
+    check_same_backbone(run.output, {architecture: meta})
+    holds = node_blocks(cache, max_layers, memory_budget_mb)
+    if holds is not None and holds < meta.num_layers:
+        raise PredictError(f"this node holds {holds} of the {meta.num_layers} blocks of architecture "
+                           f"{architecture!r}; a HeteroTune model runs in memory (streaming covers one backbone)")
+    files = image_files(images)
+    pixels = load_images(files, experiment, meta)
+    names = class_names(experiment, meta, data_root)
+    state = method.sendable(run.state, range(meta.num_layers), architecture, meta.num_layers)
+    head = state.get(f"{architecture}/head.private.weight")
+    num_classes = int(head.shape[0]) if head is not None else len(names or ())
+    names = names or tuple(f"class_{i}" for i in range(num_classes))
+    model = GlobalModel(cache, num_classes, method, device=device, architecture=architecture)
+    model.load(state)
+    with torch.no_grad():
+        net = model.model.eval()
+        logits = torch.cat([net(pixels[i:i + batch_size].to(device)).float().cpu()
+                            for i in range(0, len(pixels), batch_size)])
+    top = torch.softmax(logits, dim=1).topk(min(top_k, num_classes), dim=1)
+    predictions = tuple(
+        Prediction(str(path), tuple((names[i], i, float(p)) for p, i in zip(probs.tolist(), labels.tolist())))
+        for path, probs, labels in zip(files, top.values, top.indices))
+    return PredictResult("in-memory", meta.num_layers, holds, predictions)
 
 
 def _num_classes(state: State, names: tuple[str, ...] | None) -> int:
@@ -257,13 +302,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=32, help="images run at once")
+    parser.add_argument("--architecture", help="HeteroTune runs: the architecture this node runs, e.g. s")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
     try:
         result = predict(args.run_dir, args.images, args.max_layers, args.memory_budget_mb, args.backbone_cache,
-                         args.top_k, args.data_root, args.device, args.batch_size)
+                         args.top_k, args.data_root, args.device, args.batch_size, args.architecture)
     except (PredictError, BackboneCacheError, ConfigError, StateMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

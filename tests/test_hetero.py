@@ -198,6 +198,14 @@ def test_experiments_that_cannot_mix_architectures_are_refused(family: dict[str,
                               "clients": {"capacities": [1], "architectures": ["s"]}, "strategy": {"method": "hetero"}})
 
 
+def _write_digit(path: Path) -> None:
+    from PIL import Image
+
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[3:13, 7:9] = 255  # a "1"
+    Image.fromarray(pixels).save(path)
+
+
 def test_simulation_tunes_three_architectures_together(family: dict[str, Path], tmp_path: Path) -> None:
     """A real Flower simulation (deploy/simulate.py): every architecture evaluated on every domain, bytes by architecture."""
     import json
@@ -236,6 +244,16 @@ def test_simulation_tunes_three_architectures_together(family: dict[str, Path], 
 
     compared = report([run], tmp_path / "compared")  # the comparison's table per architecture
     assert "| s (final) | s (last 5) |" in compared and "| hetero |" in compared
+    from fedra_core.predict import PredictError, predict
+
+    image = tmp_path / "digit.png"
+    _write_digit(image)
+    for arch in ("s", "l"):  # a phone and a workstation each run their own tuned model
+        result = predict(run, [image], architecture=arch, top_k=3)
+        assert result.mode == "in-memory" and result.model_blocks == ARCHS[arch][1]
+        assert len(result.predictions[0].top) == 3
+    with pytest.raises(PredictError, match="name the one this node runs"):
+        predict(run, [image])
 
 
 def test_local_tls_cluster_runs_three_architectures(family: dict[str, Path], tmp_path: Path) -> None:
