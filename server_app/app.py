@@ -11,6 +11,7 @@ from flwr.supercore import log
 
 from fedra_core.config import ConfigError, Experiment, load_experiment
 from fedra_core.run import ServerRun, describe_state, unique_run_dir
+from server_app.grid import PromptGrid
 from server_app.strategy import FedRA
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,9 @@ def _show_core_logs() -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run a FedRA experiment to the end (or resume one) and write its output folder."""
     _show_core_logs()
+    simulation = is_simulation(grid)
+    if not simulation:
+        grid = PromptGrid(grid)  # replies collected as they arrive, not every 3 s
     run_config = dict(context.run_config)
     experiment = experiment_from_run_config(run_config)
     resume = bool(run_config.get("resume", False))
@@ -68,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Backbone %s: %d blocks; global trainable state: %s", run.meta.timm_name, run.num_layers,
         describe_state(run.state))
     strategy = FedRA(experiment, run.num_layers, run.rng, round_offset=run.start_round,
-                     backbone_source=run.meta.source, simulation=is_simulation(grid),
+                     backbone_source=run.meta.source, simulation=simulation,
                      architectures=run.architectures)
     strategy.load_server_state(run.server_state)
     strategy.discover(grid, wait_for=experiment.num_clients)
