@@ -32,8 +32,12 @@ test-tools:
 	  command -v podman-compose >/dev/null || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq podman runc debootstrap podman-compose >/dev/null; }
 
+# Two pytest-xdist workers, each taking a whole module at a time (module fixtures run once),
+# in the order tests/conftest.py gives: the slowest modules (the Compose demo, the deployments,
+# the simulations) first. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) test-tools
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .flwr outputs
