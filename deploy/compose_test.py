@@ -420,7 +420,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image", default="",
                         help="use this already built project image (kept) instead of building one")
     parser.add_argument("--rebuild", action="store_true",
-                        help=f"build the project image even if {PROJECT_CACHE} holds one from the same inputs")
+                        help=f"build the dependency and project images even if {DEPS_CACHE} and {PROJECT_CACHE} "
+                             "hold ones built from the same inputs")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
