@@ -83,6 +83,8 @@ def read_run(path: Path) -> Run:
     method = strategy.get("method", "fedra")
     if method == "hetero" and strategy.get("cmga") is False:
         method = "hetero (CMGA off)"  # one method, two settings: told apart in the tables
+    if strategy.get("surrogates"):
+        method = f"{method} + surrogates ({strategy['surrogates']})"  # FedRA with block surrogates
     layers = int(config.get("run", {}).get("num_layers") or 0)
     if not layers:
         layers = max((len(r["allocation"][0]) for r in records if r.get("allocation")), default=0)

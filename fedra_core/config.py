@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from fedra_core.methods import method_names
+from fedra_core.methods import method_class, method_names, surrogate_methods
 
 DATASETS = ("builtin-digits", "folder", "domainnet", "nicopp")
 PARTITIONINGS = ("feature", "feature-label")
@@ -198,9 +198,22 @@ class StrategyConfig:
     inclusivefl_momentum: float = 0.0
     # HeteroTune (method hetero): align the architectures' updates of every shared tensor before averaging
     cmga: bool = True
+    # block surrogates (fedra_core.surrogates), fedra and fedra-cover only: null (none), frozen (distilled
+    # once from the backbone) or redistill (the server re-distills them from the current global blocks)
+    surrogates: str | None = None
+    surrogates_rank: int = 8  # width of each block's low-rank surrogate
+    surrogates_every: int = 5  # redistill: re-distilled after every this many rounds
+    surrogates_proxy: str | None = None  # a folder of unlabeled proxy images; null: synthetic shapes
 
     def __post_init__(self) -> None:
         _require(self.method in method_names(), "strategy.method", self.method, f"one of {method_names()}")
+        _require(self.surrogates in (None, "frozen", "redistill"), "strategy.surrogates", self.surrogates,
+                 "null, 'frozen' or 'redistill'")
+        _require(self.surrogates is None or method_class(self.method).surrogates_allowed, "strategy.surrogates",
+                 self.surrogates, f"null for strategy.method {self.method!r} (surrogates stand in for the blocks "
+                 f"a random sub-model skips: methods {surrogate_methods()})")
+        _require(self.surrogates_rank >= 1, "strategy.surrogates_rank", self.surrogates_rank, "an integer >= 1")
+        _require(self.surrogates_every >= 1, "strategy.surrogates_every", self.surrogates_every, "an integer >= 1")
         _require(self.depthfl_exit_every >= 1, "strategy.depthfl_exit_every", self.depthfl_exit_every,
                  "an integer >= 1")
         _require(self.depthfl_distill_weight >= 0, "strategy.depthfl_distill_weight",

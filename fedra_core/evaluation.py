@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fedra_core.backbone import assemble, read_meta
+from fedra_core.backbone import read_meta
 from fedra_core.config import BackboneConfig, Experiment, LoraSettings
 from fedra_core.lora import State
 from fedra_core.methods import Method
@@ -44,7 +44,7 @@ class GlobalModel:
         seed = method.experiment.seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the adapters and the head start from the run's seed
-            model, _ = assemble(cache_dir, layers, num_classes, "cpu")
+            model, _ = method.assemble(cache_dir, layers, num_classes, "cpu")  # FedRA's surrogates where skipped
             model = method.build(model, num_classes, num_layers, architecture)
             self.model = model.to(self.device)
         self._initial = method.trainable_state(self.model, architecture)

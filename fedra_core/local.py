@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from fedra_core.backbone import AssemblyStats, assemble, read_meta
+from fedra_core.backbone import AssemblyStats, read_meta
 from fedra_core.config import Experiment, NodeSettings
 from fedra_core.lora import State
 from fedra_core.methods import method_for
@@ -43,7 +43,8 @@ def build_submodel(experiment: Experiment, node: NodeSettings, layers: list[int]
     """Sub-model of ``layers`` from the node's cache, adapted, with the received state loaded."""
     device = resolve_device(node.device)
     method = method_for(experiment)
-    model, stats = assemble(node.backbone_cache, layers, num_classes, device)
+    received, extras = method.split_received(received)  # extras: what the method sends beside (surrogates)
+    model, stats = method.assemble(node.backbone_cache, layers, num_classes, device, extras)
     model = method.build(model, num_classes, read_meta(node.backbone_cache).num_layers, architecture).to(device)
     method.load_state(model, {k: v.to(device) for k, v in received.items()}, architecture)
     return model, stats
@@ -97,6 +98,7 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
         torch.manual_seed(int(generator.initial_seed()))  # LoRA dropout
         result = train_local(model, loader, cfg, device, loss_fn=method.loss(server_round))
     trained = method.trainable_state(model, architecture)
+    received, _ = method.split_received(received)  # the delta covers the trainable part only
     delta = {k: (trained[k] - received[k].to(device)).cpu() for k in received}
     return LocalRound(delta, result, stats, setup)
 

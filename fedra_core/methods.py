@@ -13,6 +13,8 @@ A method says, in one place, everything that differs between methods:
 | ``loss``            | node          | the training loop's loss in a round                          |
 | ``aggregate``       | server        | the step from the round's deltas to the new global state      |
 | ``global_layers`` / ``classifiers`` | both | which global model is evaluated, and how it is scored |
+| ``assemble`` / ``split_received`` | node | the (sub-)model read from the cache, and what else a task carries |
+| ``prepare`` / ``extras`` | server | work before the first round; what else a client is sent (surrogates) |
 
 ``method_for(experiment)`` returns the experiment's method; a method keeps what it
 carries across rounds on the server in ``memory`` (InclusiveFL's momentum), which the
@@ -32,9 +34,12 @@ import numpy as np
 from fedra_core.allocation import allocate
 
 if TYPE_CHECKING:  # annotations only: torch is imported where a model is built
+    from pathlib import Path
+
     import torch
     from torch import nn
 
+    from fedra_core.backbone import AssemblyStats
     from fedra_core.config import Experiment
 
     State = dict[str, torch.Tensor]
@@ -62,6 +67,11 @@ def method_class(name: str) -> type["Method"]:
     return _REGISTRY[name]
 
 
+def surrogate_methods() -> tuple[str, ...]:
+    """The methods whose clients may put block surrogates in the skipped positions."""
+    return tuple(name for name, cls in _REGISTRY.items() if cls.surrogates_allowed)
+
+
 def method_for(experiment: "Experiment") -> "Method":
     """A fresh instance of the experiment's ``strategy.method``."""
     return method_class(experiment.strategy.method)(experiment)
@@ -80,6 +90,7 @@ class Method:
     allocation: ClassVar[str] = "fedra"  # fedra_core.allocation's rule: fedra, fedra-cover or first
     heterogeneous: ClassVar[bool] = False  # clients run different backbones (backbone.architectures)
     memory_prefix: ClassVar[str] = ""  # checkpoint prefix of ``memory``; empty: the method keeps none
+    surrogates_allowed: ClassVar[bool] = False  # ``strategy.surrogates`` may be set (fedra_core.surrogates)
 
     def __init__(self, experiment: "Experiment") -> None:
         self.experiment = experiment
@@ -107,6 +118,18 @@ class Method:
     def global_layers(self, num_layers: int) -> list[int] | None:
         """Blocks of the evaluated global model; None for all of them."""
         return None
+
+    def assemble(self, cache_dir: "Path", layers: Sequence[int] | None, num_classes: int,
+                 device: "str | torch.device" = "cpu", extras: Mapping[str, "torch.Tensor"] | None = None
+                 ) -> tuple["nn.Module", "AssemblyStats"]:
+        """The (sub-)model of ``layers`` read from the cache, before ``build``; ``extras``: see ``split_received``."""
+        from fedra_core.backbone import assemble
+
+        return assemble(cache_dir, layers, num_classes, device)
+
+    def split_received(self, received: Mapping[str, "torch.Tensor"]) -> tuple["State", "State"]:
+        """A task's arrays as (the trainable state the client trains, what else the method sent for the model)."""
+        return dict(received), {}
 
     def build(self, model: "nn.Module", num_classes: int, num_layers: int,
               architecture: str | None = None) -> "nn.Module":
@@ -161,6 +184,14 @@ class Method:
 
         return masked_average(global_state, deltas, weights), {}
 
+    def prepare(self, cache_dir: "Path") -> dict[str, Any]:
+        """Server-side work on its backbone cache before the first round; what to record in the run's config."""
+        return {}
+
+    def extras(self, layers: Sequence[int], depth: int) -> "State":
+        """What a client holding ``layers`` is sent beside its trainable state (it sends none of it back)."""
+        return {}
+
     def load_memory(self, memory: Mapping[str, Any]) -> None:
         """Continue from a checkpoint's memory (keys without ``memory_prefix``)."""
         if memory and not self.memory_prefix:
@@ -181,13 +212,59 @@ def _single_depth(depths: Sequence[int]) -> int:
 # ------------------------------------------------------------------- depth heterogeneity
 @register
 class FedRA(Method):
-    """FedRA (Su et al., ECCV 2024): each client holds ``k_i`` blocks drawn uniformly at random."""
+    """FedRA (Su et al., ECCV 2024): each client holds ``k_i`` blocks drawn uniformly at random.
+
+    With ``strategy.surrogates``, a client's sub-model runs a block surrogate in each
+    skipped position (``fedra_core.surrogates``): ``frozen`` ones read from the cache's
+    file, or ``redistill`` ones the server re-distills from the current global blocks
+    every ``surrogates_every`` rounds and sends (its ``memory``, checkpointed).
+    """
 
     name = "fedra"
+    surrogates_allowed = True
+
+    def __init__(self, experiment: "Experiment") -> None:
+        super().__init__(experiment)
+        self.stand_ins = None
+        if experiment.strategy.surrogates:
+            from fedra_core.surrogates import PREFIX, StandIns
+
+            self.stand_ins = StandIns(experiment)
+            if self.stand_ins.redistill:
+                self.memory_prefix = PREFIX  # type: ignore[misc]  # the server's current surrogates
+
+    def assemble(self, cache_dir: "Path", layers: Sequence[int] | None, num_classes: int,
+                 device: "str | torch.device" = "cpu", extras: Mapping[str, "torch.Tensor"] | None = None
+                 ) -> tuple["nn.Module", "AssemblyStats"]:
+        model, stats = super().assemble(cache_dir, layers, num_classes, device, extras)
+        if self.stand_ins is None:
+            return model, stats
+        return self.stand_ins.fill(model, stats, cache_dir, device, extras or {})
+
+    def split_received(self, received: Mapping[str, "torch.Tensor"]) -> tuple["State", "State"]:
+        if self.stand_ins is None:
+            return super().split_received(received)
+        return self.stand_ins.split(received)
+
+    def prepare(self, cache_dir: "Path") -> dict[str, Any]:
+        return {} if self.stand_ins is None else self.stand_ins.prepare(cache_dir)
+
+    def extras(self, layers: Sequence[int], depth: int) -> "State":
+        if self.stand_ins is None or not self.stand_ins.redistill:
+            return {}
+        return self.stand_ins.to_send(self.memory, layers, depth)
+
+    def aggregate(self, global_state: Mapping[str, "torch.Tensor"], deltas: Sequence[Mapping[str, "torch.Tensor"]],
+                  weights: Sequence[float] | None, architectures: Sequence[str | None]
+                  ) -> tuple["State", dict[str, Any]]:
+        state, info = super().aggregate(global_state, deltas, weights, architectures)
+        if self.stand_ins is not None and self.stand_ins.redistill:
+            info = {**info, "surrogates": self.stand_ins.after_round(self.memory, state)}
+        return state, info
 
 
 @register
-class FedRACover(Method):
+class FedRACover(FedRA):
     """FedRA whose random allocation covers every block each round when the capacities allow."""
 
     name = "fedra-cover"

@@ -6,22 +6,27 @@ the full model, through the first k blocks (what a depth-first client trains) an
 through random k-block sub-models (what a FedRA client trains), and prints a Markdown
 table. It shows, for instance, whether a backbone still works with blocks skipped, and
 how far a weak client's domain is learned at the depth that client trains.
+With ``--surrogates``, every shallow sub-model is also evaluated with the cache's block
+surrogates in its skipped positions (``fedra_core.surrogates``; distilled first when the
+cache has none), for runs of methods whose adapters are plain LoRA.
 """
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from safetensors.torch import load_file
 
+from fedra_core.config import Experiment
 from fedra_core.datasets import test_sets
 from fedra_core.evaluation import GlobalModel
 from fedra_core.lora import slice_state
-from fedra_core.methods import method_for
+from fedra_core.methods import Method, method_class, method_for
 from fedra_core.records import ADAPTERS, RunOutput
 from fedra_core.run import check_same_backbone, prepare_backbone
+from fedra_core.surrogates import ensure_surrogates, recipe_of
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,25 @@ def sub_models(num_layers: int, depths: Sequence[int], draws: int, seed: int = 0
     return plan
 
 
-def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed: int = 0) -> list[ProbeRow]:
-    """Evaluate a finished run's final global state through full and shallow sub-models."""
+def probe_methods(experiment: Experiment, surrogates: bool = False) -> list[tuple[str, Method]]:
+    """The probed methods with their row-label suffix: plain sub-models, and with surrogates if asked.
+
+    The plain one has no surrogates even when the run trained with them; the other puts
+    the cache's frozen surrogates in the skipped positions.
+    """
+    strategy = experiment.strategy
+    plain = [("", method_for(replace(experiment, strategy=replace(strategy, surrogates=None))))]
+    if not surrogates:
+        return plain
+    if method_class(strategy.method).build is not Method.build:
+        raise ValueError(f"--surrogates: the adapters of method {strategy.method!r} are not plain LoRA")
+    stand_in = replace(experiment, strategy=replace(strategy, method="fedra", surrogates="frozen"))
+    return [*plain, (" + surrogates", method_for(stand_in))]
+
+
+def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed: int = 0,
+          surrogates: bool = False) -> list[ProbeRow]:
+    """Evaluate a finished run's final global state through full and shallow sub-models (and with surrogates)."""
     run_dir = Path(run_dir)
     adapters = run_dir / ADAPTERS
     if not adapters.is_file():
@@ -64,12 +86,15 @@ def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed
     check_same_backbone(output, meta)
     sets, num_classes = test_sets(experiment, meta)
     state = load_file(str(adapters))
-    method = method_for(experiment)
+    methods = probe_methods(experiment, surrogates)
+    if surrogates:
+        ensure_surrogates(experiment.backbone.cache_path, recipe_of(experiment.strategy))
     rows = []
     for label, layers in sub_models(meta.num_layers, depths, draws, seed):
-        model = GlobalModel(experiment.backbone.cache_path, num_classes, method, layers=layers)
-        results = model.evaluate(slice_state(state, layers), sets, experiment.training.eval_batch_size)
-        rows.append(ProbeRow(label, tuple(layers), {d: 100 * r["accuracy"] for d, r in results.items()}))
+        for suffix, method in methods[:1] if len(layers) == meta.num_layers else methods:
+            model = GlobalModel(experiment.backbone.cache_path, num_classes, method, layers=layers)
+            results = model.evaluate(slice_state(state, layers), sets, experiment.training.eval_batch_size)
+            rows.append(ProbeRow(label + suffix, tuple(layers), {d: 100 * r["accuracy"] for d, r in results.items()}))
     return rows
 
 
@@ -93,8 +118,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=3, help="random sub-models per depth")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sub-models")
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument("--surrogates", action="store_true",
+                        help="also evaluate each shallow sub-model with block surrogates in its skipped positions")
     args = parser.parse_args(argv)
-    table = probe_table(probe(args.run_dir, args.depths, args.draws, args.seed))
+    table = probe_table(probe(args.run_dir, args.depths, args.draws, args.seed, args.surrogates))
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,7 @@ class ServerRun:
         self.metas = prepare_backbones(experiment)  # {None: the backbone}, or one per architecture
         self.meta = next(iter(self.metas.values()))
         check_experiment(experiment, self.metas)
+        self.prepared = self._prepare_method()  # e.g. FedRA's block surrogates, distilled once per cache
         self.test_sets_of: dict[str | None, dict[str, Any]] = {}
         if experiment.evaluation.on_server:
             by_input: dict[tuple, dict[str, Any]] = {}  # architectures that read images alike share test sets
@@ -179,10 +180,19 @@ class ServerRun:
         self.output.truncate_rounds(checkpoint.round)
         logger.info("resuming %s after round %d", self.output.dir, checkpoint.round)
 
+    def _prepare_method(self) -> dict[str, Any]:
+        """The method's server-side work before the first round, with a ``ConfigError`` when it cannot be done."""
+        if None not in self.metas:
+            return {}
+        try:
+            return self.method.prepare(self.experiment.backbone.cache_path)
+        except (RuntimeError, ValueError, OSError) as err:
+            raise ConfigError(f"strategy.method {self.experiment.strategy.method!r}: {err}") from err
+
     def _backbone_extras(self) -> dict[str, Any]:
         if None in self.metas:
             return {"backbone": self.meta.timm_name, "num_layers": self.meta.num_layers,
-                    "backbone_source": self.meta.source}
+                    "backbone_source": self.meta.source, **self.prepared}
         return {"backbone": ", ".join(f"{n}: {m.timm_name}" for n, m in self.metas.items()),
                 "architectures": {n: {"timm_name": m.timm_name, "num_layers": m.num_layers, "source": m.source,
                                       "embed_dim": m.kwargs.get("embed_dim")} for n, m in self.metas.items()},

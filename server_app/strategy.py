@@ -283,7 +283,8 @@ class FedRA(Strategy):
         for row, node in enumerate(nodes):
             layers = layers_of(matrix, row)
             pending.sent[node.node_id] = self.method.sendable(state, layers, node.architecture, node.depth)
-            record = to_record(pending.sent[node.node_id], self.cfg.wire_dtype)
+            extras = self.method.extras(layers, node.depth or self.num_layers)  # surrogates: sent, not returned
+            record = to_record({**pending.sent[node.node_id], **extras}, self.cfg.wire_dtype)
             pending.bytes_sent[node.node_id] = serialized_bytes(record)
             cfg = ConfigRecord({**config, "server-round": pending.server_round, "layers": layers,
                                 "wire-dtype": self.cfg.wire_dtype, "experiment": self._experiment_json,
