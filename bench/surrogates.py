@@ -9,9 +9,13 @@ distilled first when missing) and for ViT-B/16's shapes (sizes only), it prints:
   surrogates sent, as Flower serializes them) against the task without them, and the
   peak resident memory of one local round (20 steps of batch 32) without and with
   surrogates, each in a fresh process;
+- how far a k-block sub-model's features (the head's input) are from the full model's,
+  without and with surrogates: mean squared difference over the variance of the full
+  model's features, on 256 augmented proxy images the surrogates were not distilled on,
+  mean over 4 random sub-models per depth;
 - the distillation time recorded in the file (once per cache and recipe).
 
-    python bench/surrogates.py [--depths 3 4 6] [--steps 20] [--batch 32]
+    python bench/surrogates.py [--depths 3 4 6] [--steps 20] [--batch 32] [--no-rounds]
 """
 
 import argparse
@@ -91,6 +95,34 @@ def measure(values: dict, layers: list[int]) -> dict:
             "peak_mib": (rss_kib("VmHWM") - before) / 1024, "seconds": result.result.seconds}
 
 
+def fidelity(k: int, draws: int = 4) -> tuple[float, float]:
+    """Relative feature error of random k-block sub-models of the built-in backbone, without and with surrogates."""
+    import numpy as np
+    import torch
+
+    from fedra_core.backbone import assemble, read_meta
+    from fedra_core.config import experiment_from_dict
+    from fedra_core.methods import method_for
+    from fedra_core.pretrain import augment
+    from fedra_core.surrogates import Recipe, proxy_images
+
+    def features(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.forward_head(model.forward_features(images), pre_logits=True)  # (B, C)
+
+    images = augment(proxy_images(Recipe(images=256, seed=7), read_meta(CACHE)).tensors[0],
+                     torch.Generator().manual_seed(3))
+    method = method_for(experiment_from_dict(experiment("frozen", 1, 1)))
+    target = features(assemble(CACHE, None, 0)[0])
+    scale = float((target - target.mean(0)).pow(2).mean())
+    rng, plain, with_surrogates = np.random.default_rng(0), [], []
+    for _ in range(draws):
+        layers = sorted(rng.choice(12, size=k, replace=False).tolist())
+        plain.append(float((features(assemble(CACHE, layers, 0)[0]) - target).pow(2).mean()) / scale)
+        with_surrogates.append(float((features(method.assemble(CACHE, layers, 0)[0]) - target).pow(2).mean()) / scale)
+    return float(np.mean(plain)), float(np.mean(with_surrogates))
+
+
 def run_child(values: dict, layers: list[int]) -> dict:
     """``measure`` in a fresh interpreter, so each peak is that round's alone."""
     code = ("import json, sys; sys.path.insert(0, 'bench'); from surrogates import measure; "
@@ -102,13 +134,16 @@ def run_child(values: dict, layers: list[int]) -> dict:
 
 
 def main() -> None:
-    """Print the size table, the per-depth cost table and the distillation time."""
+    """Print the size table, the feature errors, the per-depth cost table and the distillation time."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", nargs="+", type=int, default=[3, 4, 6])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--no-rounds", action="store_true", help="skip the client rounds (bytes and memory)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    import torch
+
     from fedra_core.pretrain import RECIPES, ensure_builtin_backbone
     from fedra_core.surrogates import Recipe, ensure_surrogates
 
@@ -121,8 +156,13 @@ def main() -> None:
                 [["digits-vit (64 wide)", *sizes(dim, params, 8)],
                  ["ViT-B/16 (768 wide)", *sizes(vit_dim, vit_params, 8)],
                  ["ViT-B/16 (768 wide)", *sizes(vit_dim, vit_params, 16)]]))
+    torch.set_num_threads(1)
+    errors = {k: fidelity(k) for k in args.depths}
+    print("\n## Features of random k-block sub-models against the full model's (relative squared error)\n")
+    print(table(["blocks held", "plain sub-model", "with surrogates", "ratio"],
+                [[f"{k} of 12", f"{p:.3f}", f"{w:.3f}", f"{w / p:.2f}x"] for k, (p, w) in errors.items()]))
     rows = []
-    for k in args.depths:
+    for k in [] if args.no_rounds else args.depths:
         layers = list(range(0, 12, 12 // k))[:k] if 12 % k == 0 else list(range(k))
         plain = run_child(experiment(None, args.steps, args.batch), layers)
         frozen = run_child(experiment("frozen", args.steps, args.batch), layers)
@@ -133,9 +173,10 @@ def main() -> None:
                      f"{frozen['task_with_surrogates'] / plain['task']:.2f}x",
                      f"{plain['peak_mib']:.1f} / {frozen['peak_mib']:.1f}",
                      f"{plain['seconds']:.1f} / {frozen['seconds']:.1f}"])
-    print(f"\n## A client round on digits-vit ({args.steps} steps of batch {args.batch}), without / with surrogates\n")
-    print(table(["blocks held", "bytes read", "ratio", "task bytes (redistill sends the surrogates)", "ratio",
-                 "peak MiB", "train s"], rows))
+    if rows:
+        print(f"\n## A client round on digits-vit ({args.steps} steps of batch {args.batch}), without / with surrogates\n")
+        print(table(["blocks held", "bytes read", "ratio", "task bytes (redistill sends the surrogates)", "ratio",
+                     "peak MiB", "train s"], rows))
     print(f"\nDistillation of the 12 surrogates ({info['source']}): {info['seconds']} s once per cache, "
           f"relative errors per block {info['relative_errors']} (1 = no better than skipping the block)")
 
