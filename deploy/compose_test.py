@@ -22,7 +22,8 @@
    through the Control API inside the SuperLink's container, then the SuperNodes (12, 6 and 3
    blocks), which reach the SuperLink only through the proxy, over TLS, authenticated.
 5. ``flwr run /app demo`` inside the SuperLink's container: a small experiment (a 12-block tiny
-   ViT written here, or ``--experiment``) for ``--rounds`` rounds.
+   ViT written here, or ``--experiment``; with ``--hetero``, HeteroTune over three tiny ViTs of
+   different width and depth, one per SuperNode) for ``--rounds`` rounds.
 6. Checks: ``rounds.jsonl`` holds round 0 and every round, in which every node trained
    its declared number of blocks; ``adapters.safetensors`` exists; through the proxy's
    public port a Control API request is refused; a SuperNode holds only the CA certificate
@@ -32,6 +33,7 @@
 
     python deploy/compose_test.py                       # exit 0: the demo ran and every check passed
     python deploy/compose_test.py --experiment deploy/docker.yaml --rounds 2 --keep
+    python deploy/compose_test.py --hetero              # HeteroTune: each SuperNode on another architecture
 
 Podman runs here with a containers.conf without default ulimits and with runc
 (see ``containers_conf``); the same compose file runs under Docker Compose unchanged.
@@ -76,6 +78,10 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"  # unless apt's own sources name 
 APP_UID = 49999  # the image's user (deploy/Dockerfile)
 NODES = {"node-0": 12, "node-1": 6, "node-2": 3}  # as the compose file's --node-config max-layers
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 12, "num_heads": 2, "mlp_ratio": 2.0}
+# --hetero: three architectures, smallest first (node-2 holds 3 of tiny-s's 4 blocks, FedRA inside its backbone)
+HETERO_VITS = {"tiny-s": {**TINY_VIT, "embed_dim": 16, "depth": 4},
+               "tiny-m": {**TINY_VIT, "depth": 6},
+               "tiny-l": {**TINY_VIT, "embed_dim": 48, "num_heads": 4}}
 # Through the proxy's public port: the Control API above all, the Runtime API, the API docs.
 REFUSED = [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"),
            ("POST", "/v1/runtime/get-nodes"), ("GET", "/docs"), ("GET", "/v1/fleet/get-run")]
@@ -262,8 +268,12 @@ def make_credentials(workdir: Path) -> tuple[Path, Path]:
     return certs, keys
 
 
-def write_tiny_experiment(workdir: Path, rounds: int) -> tuple[Path, str, str]:
-    """A 12-block tiny ViT cache and a one-step experiment in a host folder mounted at /cache."""
+def write_tiny_experiment(workdir: Path, rounds: int, hetero: bool = False) -> tuple[Path, str, list[str]]:
+    """Tiny ViT caches and a one-step experiment in a host folder mounted at /cache; each node's cache name.
+
+    FedRA: one 12-block cache for every node. HeteroTune (``hetero``): three architectures
+    of different width and depth (HETERO_VITS), node-0 on the largest, node-2 on the smallest.
+    """
     sys.path.insert(0, str(ROOT))
     import torch
     import yaml
@@ -271,10 +281,17 @@ def write_tiny_experiment(workdir: Path, rounds: int) -> tuple[Path, str, str]:
     from fedra_core.backbone import import_timm, write_cache
 
     cache = workdir / "cache"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = import_timm().create_model("vit_tiny_patch16_224", num_classes=10, **TINY_VIT)
-    write_cache(model, "vit_tiny_patch16_224", TINY_VIT, cache / "backbones" / "tiny-vit")
+    specs = HETERO_VITS if hetero else {"tiny-vit": TINY_VIT}
+    for name, kwargs in specs.items():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = import_timm().create_model("vit_tiny_patch16_224", num_classes=10, **kwargs)
+        write_cache(model, "vit_tiny_patch16_224", kwargs, cache / "backbones" / name, source=f"compose:{name}")
+    if hetero:
+        experiment = hetero_experiment(rounds)
+        (cache / "compose.yaml").write_text(yaml.safe_dump(experiment))
+        chown_tree(cache)
+        return cache, "/cache/compose.yaml", list(reversed(HETERO_VITS))  # node-0: the largest
     experiment = {
         "name": "compose", "seed": 0,
         "backbone": {"cache": "/cache/backbones/tiny-vit", "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
@@ -286,7 +303,21 @@ def write_tiny_experiment(workdir: Path, rounds: int) -> tuple[Path, str, str]:
     }
     (cache / "compose.yaml").write_text(yaml.safe_dump(experiment))
     chown_tree(cache)
-    return cache, "/cache/compose.yaml", "tiny-vit"
+    return cache, "/cache/compose.yaml", ["tiny-vit"] * len(NODES)
+
+
+def hetero_experiment(rounds: int) -> dict:
+    """HeteroTune over the three tiny architectures: node i's partition runs the i-th largest."""
+    names = list(HETERO_VITS)  # smallest first
+    return {
+        "name": "compose", "seed": 0,
+        "backbone": {"architectures": [{"name": n, "cache": f"/cache/backbones/{n}"} for n in names],
+                     "adapter": {"rank": 4, "experts": 2, "slots": 2}},
+        "data": {"dataset": "builtin-digits", "domains": ["clean", "inverted", "sketch"], "max_test_per_domain": 30},
+        "clients": {"capacities": list(NODES.values()), "architectures": list(reversed(names))},
+        "strategy": {"method": "hetero", "reply_timeout": 600},
+        "training": {"rounds": rounds, "local_steps": 1, "batch_size": 16, "optimizer": "adamw", "lr": 0.003},
+    }
 
 
 def chown_tree(path: Path) -> None:
@@ -373,8 +404,11 @@ def run_experiment(compose: Compose, experiment: str, rounds: int) -> None:
                                + " | ".join((result.stdout + result.stderr).strip().splitlines()[-8:]))
 
 
-def check_output(run_dir: Path, rounds: int) -> None:
-    """Round 0 and every round; in each, every node trained (status ok) its declared blocks."""
+def check_output(run_dir: Path, rounds: int, hetero: bool = False) -> None:
+    """Round 0 and every round; in each, every node trained (status ok) its declared blocks.
+
+    HeteroTune: every node on its own architecture, each architecture evaluated on every domain.
+    """
     lines = (run_dir / "rounds.jsonl").read_text().splitlines() if (run_dir / "rounds.jsonl").is_file() else []
     records = [json.loads(line) for line in lines]
     if [r["round"] for r in records] != list(range(rounds + 1)):
@@ -386,6 +420,15 @@ def check_output(run_dir: Path, rounds: int) -> None:
         if held != sorted(NODES.values()) or len(trained) != len(NODES):
             raise ComposeTestError(f"round {record['round']}: blocks held {held}, {len(trained)} of "
                                    f"{len(NODES)} nodes trained: {record['clients']}")
+    if hetero:
+        for record in records:
+            if sorted(record.get("architectures") or {}) != sorted(HETERO_VITS):
+                raise ComposeTestError(f"round {record['round']} evaluated the architectures "
+                                       f"{sorted(record.get('architectures') or {})}, expected {sorted(HETERO_VITS)}")
+        ran = {c.get("partition_id"): c.get("architecture") for c in records[-1]["clients"]}
+        expected = dict(enumerate(reversed(HETERO_VITS)))
+        if ran != expected:
+            raise ComposeTestError(f"the nodes ran the architectures {ran}, expected {expected}")
     if not (run_dir / "adapters.safetensors").is_file():
         raise ComposeTestError(f"no adapters.safetensors in {run_dir}")
 
@@ -417,6 +460,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="experiment path inside the image, e.g. deploy/docker.yaml (default: a tiny one)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds to run (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (credentials, outputs)")
+    parser.add_argument("--hetero", action="store_true",
+                        help="HeteroTune: each SuperNode on a tiny ViT of another width and depth")
     parser.add_argument("--image", default="",
                         help="use this already built project image (kept) instead of building one")
     parser.add_argument("--rebuild", action="store_true",
@@ -439,8 +484,8 @@ def prepare(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> str
     env.update(FEDRA_CERTS=str(certs), FEDRA_KEYS=str(keys), FEDRA_OUTPUTS=str(outputs))
     if args.experiment:
         return args.experiment
-    cache, experiment, backbone = write_tiny_experiment(workdir, args.rounds)
-    env.update(FEDRA_CACHE=str(cache), FEDRA_BACKBONE=backbone)
+    cache, experiment, backbones = write_tiny_experiment(workdir, args.rounds, args.hetero)
+    env.update(FEDRA_CACHE=str(cache), **{f"FEDRA_BACKBONE_{i}": name for i, name in enumerate(backbones)})
     return experiment
 
 
@@ -456,7 +501,7 @@ def demo(args: argparse.Namespace, compose: Compose, workdir: Path) -> None:
     run_started = time.monotonic()
     run_experiment(compose, experiment, args.rounds)
     say(f"run finished in {time.monotonic() - run_started:.0f} s")
-    check_output(Path(compose.env["FEDRA_OUTPUTS"]) / "compose", args.rounds)
+    check_output(Path(compose.env["FEDRA_OUTPUTS"]) / "compose", args.rounds, args.hetero)
     check_isolation(compose, Path(compose.env["FEDRA_CERTS"]), int(compose.env["FEDRA_PROXY_PORT"]))
 
 
