@@ -32,7 +32,7 @@ import yaml
 
 from fedra_core.config import load_experiment
 from fedra_core.methods import method_names
-from fedra_core.plots import _pyplot
+from fedra_core.plots import _pyplot, save_round_plot
 from fedra_core.preflight import PreflightError, check_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,15 +306,7 @@ def plot_accuracy_per_method(runs: Sequence[Run], path: Path, title: str = "") -
         rounds = sorted(set.intersection(*(set(c) for c in curves)))
         ax.plot(rounds, [100 * np.mean([c[t] for c in curves]) for t in rounds], lw=2,
                 label=f"{method} ({len(group)} seed{'s' if len(group) > 1 else ''})")
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean accuracy over domains (%)")
-    ax.set_title(title or "Global model accuracy per method")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_round_plot(fig, ax, path, "mean accuracy over domains (%)", title or "Global model accuracy per method")
 
 
 def plot_participation(runs: Sequence[Run], path: Path) -> Path:

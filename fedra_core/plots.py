@@ -16,6 +16,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_round_plot(fig: Any, ax: Any, path: Path, ylabel: str, title: str, legend_columns: int = 1) -> Path:
+    """Label an accuracy-per-round plot (x: round), write it to ``path`` and close it."""
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=legend_columns)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_accuracy(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Mean and per-domain accuracy of the global model against the round."""
     plt = _pyplot()
@@ -27,15 +40,8 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path, title: str = ""
         ax.plot(rounds, [100 * r["accuracy"].get(domain, np.nan) for r in evaluated], lw=1, alpha=0.6,
                 label=domain)
     ax.plot(rounds, [100 * r["mean_accuracy"] for r in evaluated], "k-", lw=2.5, label="mean")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy of the global model (%)")
-    ax.set_title(title or "Global model accuracy per domain")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_round_plot(fig, ax, path, "accuracy of the global model (%)",
+                           title or "Global model accuracy per domain", legend_columns=2)
 
 
 def plot_allocations(records: Sequence[dict[str, Any]], path: Path, max_rounds: int = 6) -> Path:
@@ -91,12 +97,5 @@ def plot_architectures(records: Sequence[dict[str, Any]], path: Path, title: str
     for arch in dict.fromkeys(a for r in evaluated for a in r["architectures"]):
         ax.plot(rounds, [100 * r["architectures"].get(arch, {}).get("mean_accuracy", np.nan) for r in evaluated],
                 lw=2, label=arch)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean accuracy over the domains (%)")
-    ax.set_title(title or "Each architecture's global model")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_round_plot(fig, ax, path, "mean accuracy over the domains (%)",
+                           title or "Each architecture's global model")

@@ -1,11 +1,40 @@
-"""What the launchers leave running: processes found by FLWR_HOME or by process group, via /proc."""
+"""What the launchers leave running (processes found by FLWR_HOME or by process group, via /proc), and the
+tiny three-domain experiment the launcher tests run, with its complete round records."""
 
+import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
+
+DOMAINS = ["clean", "inverted", "sketch"]
+
+
+def tiny_experiment(tmp_path: Path, cache: Path, rounds: int = 2, **strategy: object) -> Path:
+    """A 3-client experiment (one per domain, 6/4/2 blocks) on the tiny cache, written to ``tmp_path``."""
+    values = {
+        "name": "tiny",
+        "seed": 3,
+        "backbone": {"cache": str(cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
+        "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 30},
+        "clients": {"capacities": [6, 4, 2]},
+        "strategy": {"reply_timeout": 300, **strategy},
+        "training": {"rounds": rounds, "local_steps": 1, "batch_size": 16, "optimizer": "adamw", "lr": 0.003},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def complete_records(run_dir: Path) -> list[dict]:
+    """The complete records of rounds.jsonl (a line the server is writing, or a torn one, is left out)."""
+    path = run_dir / "rounds.jsonl"
+    text = path.read_text() if path.is_file() else ""
+    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -32,33 +31,13 @@ sys.path.insert(0, str(ROOT / "deploy"))
 
 import local_cluster  # noqa: E402
 from launched import leftovers, processes_with_flwr_home, stop_launcher  # noqa: E402
+from launched import DOMAINS  # noqa: E402
+from launched import complete_records as _records  # noqa: E402
+from launched import tiny_experiment as _experiment  # noqa: E402
 from launched import wait_until as _wait  # noqa: E402
 from simulate import running  # noqa: E402
 
 CAPACITIES = [5, 3, 1]  # declared by the nodes; the experiment's own capacities differ on purpose
-DOMAINS = ["clean", "inverted", "sketch"]
-
-
-def _experiment(tmp_path: Path, cache: Path, rounds: int = 2, **strategy: object) -> Path:
-    values = {
-        "name": "tiny",
-        "seed": 3,
-        "backbone": {"cache": str(cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
-        "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 30},
-        "clients": {"capacities": [6, 4, 2]},
-        "strategy": {"reply_timeout": 300, **strategy},
-        "training": {"rounds": rounds, "local_steps": 1, "batch_size": 16, "optimizer": "adamw", "lr": 0.003},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def _records(run_dir: Path) -> list[dict]:
-    """The complete records of rounds.jsonl (the server may be writing the next line)."""
-    path = run_dir / "rounds.jsonl"
-    text = path.read_text() if path.is_file() else ""
-    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 class Cluster:

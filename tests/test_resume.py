@@ -1,6 +1,5 @@
 """Resume: a run stopped after a checkpoint and resumed ends exactly as an uninterrupted one."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,38 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from launched import stop_launcher  # noqa: E402
+from launched import complete_records as _records  # noqa: E402
+from launched import tiny_experiment as _experiment  # noqa: E402
 from launched import wait_until as _wait  # noqa: E402
-
-DOMAINS = ["clean", "inverted", "sketch"]
-
-
-def _experiment(tmp_path: Path, cache: Path, rounds: int, **strategy: object) -> Path:
-    values = {
-        "name": "tiny",
-        "seed": 3,
-        "backbone": {"cache": str(cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
-        "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 30},
-        "clients": {"capacities": [6, 4, 2]},
-        "strategy": {"reply_timeout": 300, **strategy},
-        "training": {"rounds": rounds, "local_steps": 1, "batch_size": 16, "optimizer": "adamw", "lr": 0.003},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def _records(run_dir: Path) -> list[dict]:
-    """The complete records of rounds.jsonl (a line being written, or torn, is left out)."""
-    path = run_dir / "rounds.jsonl"
-    text = path.read_text() if path.is_file() else ""
-    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def _simulate(tmp_path: Path, run_config: str) -> subprocess.Popen:
