@@ -1,12 +1,14 @@
 """Deployment round time against simulation round time, with and without the warm node worker.
 
 The same 3-client experiment (deploy/cluster.yaml: capacities 12, 6, 3 on the built-in
-backbone) runs three ways, one after the other on this machine:
+backbone) runs four ways, one after the other on this machine:
 
 1. in Flower's simulation engine (``deploy/simulate.py``),
 2. on a local TLS cluster (``deploy/local_cluster.py``: SuperLink, proxy, 3 SuperNodes)
    with the warm worker (the default),
-3. on the same cluster with ``worker=off`` (every message pays a fresh ClientApp process).
+3. on the same cluster with Flower's own SuperNode (``--poll-interval 0``: it waits 3 s
+   between asks for messages when idle, its SuperExec 1 s between asks for tasks),
+4. on the cluster with ``worker=off`` (every message pays a fresh ClientApp process).
 
 Round 1 is left out of the means (the worker starts during the capacity query and round 0).
 Where the time goes is read from each run's ``rounds.jsonl``: the wall time of a round,
@@ -40,6 +42,8 @@ def run(kind: str, out: Path, rounds: int) -> list[dict]:
                    "--max-layers", "12,6,3", "-c", run_config]
         if kind == "worker-off":
             command += ["--node-config", "worker='off'"]
+        if kind == "flower-waits":
+            command += ["--poll-interval", "0"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
     path = out / kind / "rounds.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -57,12 +61,13 @@ def summary(records: list[dict]) -> dict[str, float]:
 
 
 def main() -> None:
-    """Run the three ways and print the table."""
+    """Run the four ways and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="fedra-deploy-round-"))
-    kinds = {"simulation": "simulation", "cluster, worker on": "worker-on", "cluster, worker off": "worker-off"}
+    kinds = {"simulation": "simulation", "cluster, worker on": "worker-on",
+             "cluster, worker on, Flower's 3 s / 1 s polls": "flower-waits", "cluster, worker off": "worker-off"}
     results = {label: summary(run(kind, out, args.rounds)) for label, kind in kinds.items()}
     print(f"{machine()}; {EXPERIMENT}, rounds 2..{args.rounds} averaged; outputs in {out}")
     rows = [[kind, f"{r['round']:.1f}", f"{r['slowest_call']:.1f}", f"{r['training']:.1f}", f"{r['evaluation']:.1f}",

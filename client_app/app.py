@@ -13,14 +13,38 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client_app import worker
-from fedra_core.task import RawArrays, run_evaluate, run_query, run_train
+from fedra_core.task import RawArrays, TaskRefused, run_evaluate, run_query, run_train
+from fedra_core.wire import PACKED, PACKED_STYPE, WireError, pack, unpack
 
 app = ClientApp()
 
 
+def _packed(record: ArrayRecord) -> bool:
+    """Whether the record carries its arrays packed into one (as a deployed server sends them)."""
+    return list(record.keys()) == [PACKED] and record[PACKED].stype == PACKED_STYPE
+
+
 def _raw(record: ArrayRecord) -> RawArrays:
-    """An ArrayRecord as (dtype, shape, ``.npy`` bytes) per name: nothing decoded yet."""
-    return {name: (array.dtype, tuple(array.shape), array.data) for name, array in record.items()}
+    """An ArrayRecord, packed or not, as (dtype, shape, ``.npy`` bytes) per name: nothing decoded yet."""
+    if not _packed(record):
+        return {name: (array.dtype, tuple(array.shape), array.data) for name, array in record.items()}
+    try:
+        items = unpack(record[PACKED].data)
+    except WireError as err:
+        raise TaskRefused(f"the task's arrays: {err}") from err
+    strange = [name for name, _, _, stype, _ in items if stype != "numpy.ndarray"]
+    if strange:
+        raise TaskRefused(f"the task's arrays: {strange[0]} is not a NumPy array")
+    return {name: (dtype, shape, data) for name, dtype, shape, _, data in items}
+
+
+def _reply_record(delta: dict[str, Any], packed: bool) -> ArrayRecord:
+    """The reply's arrays, packed into one when the task came packed."""
+    arrays = {k: Array(v) for k, v in delta.items()}
+    if not packed:
+        return ArrayRecord(arrays)
+    blob = pack([(k, a.dtype, tuple(a.shape), a.stype, a.data) for k, a in arrays.items()])
+    return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(blob),), stype=PACKED_STYPE, data=blob)})
 
 
 def _run(kind: str, message: Message, context: Context) -> Any:
@@ -54,7 +78,7 @@ def train(message: Message, context: Context) -> Message:
     start = time.perf_counter()
     delta, metrics = _run("train", message, context)
     metrics["total-seconds"] = time.perf_counter() - start
-    wire = ArrayRecord({k: Array(v) for k, v in delta.items()})
+    wire = _reply_record(delta, _packed(message.content["arrays"]))
     return Message(RecordDict({"arrays": wire, "metrics": MetricRecord(metrics)}), reply_to=message)
 
 

@@ -130,7 +130,7 @@ def enabled(node_config: Mapping[str, Any]) -> bool:
 
 
 def supernode_pid() -> int | None:
-    """The ``flower-supernode`` process this ClientApp runs under (the first such ancestor)."""
+    """The SuperNode process this ClientApp runs under (``flower-supernode`` or ``client_app.supernode``)."""
     pid = os.getppid()
     while pid > 1:
         try:
@@ -138,7 +138,7 @@ def supernode_pid() -> int | None:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return None
-        if b"flower-supernode" in cmdline:
+        if b"flower-supernode" in cmdline or b"client_app.supernode" in cmdline:
             return pid
         pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent's pid
     return None

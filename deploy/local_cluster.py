@@ -246,13 +246,17 @@ def check_node_config(extra: str) -> dict[str, object]:
 
 
 def start_supernode(workdir: Path, name: str, superlink: int | str, config: str, env: dict[str, str],
-                    ca_cert: Path | None, private_key: Path | None) -> subprocess.Popen:
+                    ca_cert: Path | None, private_key: Path | None, poll: float | None = None) -> subprocess.Popen:
     """``flower-supernode`` with its own free runtime port; no CA or key when given None.
 
-    ``superlink`` is the Fleet API's address (the proxy's), or a port on 127.0.0.1.
+    ``superlink`` is the Fleet API's address (the proxy's), or a port on 127.0.0.1. With
+    ``poll`` the node is ``python -m client_app.supernode`` (Flower's SuperNode, its
+    polling waits capped at ``poll`` seconds); without, Flower's own command.
     """
     address = f"127.0.0.1:{superlink}" if isinstance(superlink, int) else superlink
-    command = ["flower-supernode", "--superlink", address, "--port", str(free_port()), "--node-config", config]
+    program = ["flower-supernode"] if poll is None else [
+        sys.executable, "-m", "client_app.supernode", "--poll-interval", str(poll)]
+    command = [*program, "--superlink", address, "--port", str(free_port()), "--node-config", config]
     if ca_cert is not None:
         command += ["--root-certificates", str(ca_cert)]
     if private_key is not None:
@@ -340,6 +344,9 @@ def parse_max_layers(text: str) -> list[int | None]:
 
 def preflight(args: argparse.Namespace) -> str | None:
     """Everything checked before a process starts; returns the nginx binary (None without the proxy)."""
+    if args.poll_interval and not 0.01 <= args.poll_interval <= 3:
+        raise PreflightError(f"--poll-interval must be 0 (Flower's own waits) or 0.01..3 seconds, "
+                             f"got {args.poll_interval}")
     node_config = check_node_config(args.node_config)
     experiment = check_run(ROOT, parse_run_config(args.run_config), args.max_layers, node_config)
     if len(args.max_layers) != experiment.num_clients:
@@ -379,7 +386,7 @@ def start_cluster(workdir: Path, args: argparse.Namespace, nginx: str | None, en
         register(keys / f"{name}.pub", env)
         config_text = node_config(i, len(names), capacity, args.node_config)
         processes[name] = start_supernode(workdir, name, fleet, config_text, node_env(env, len(names)),
-                                          certs / "ca.crt", keys / name)
+                                          certs / "ca.crt", keys / name, poll=args.poll_interval or None)
         say(f"{name}: --node-config \"{config_text}\" (log {workdir / 'logs' / name}.log)")
     (workdir / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}, indent=1))
     return {name: processes[name] for name in names}
@@ -396,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Flower run-config overrides")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cluster",
                         help="FLWR_HOME, credentials, proxy configuration, logs and pids.json of this cluster")
+    parser.add_argument("--poll-interval", type=float, default=0.2,
+                        help="SuperNodes' longest wait between polls, seconds (python -m client_app.supernode; "
+                             "0: Flower's own flower-supernode, which waits 3 s when idle)")
     parser.add_argument("--no-proxy", dest="proxy", action="store_false",
                         help="no nginx: the SuperNodes connect to the SuperLink's own port (all its APIs)")
     args = parser.parse_args(argv)

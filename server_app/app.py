@@ -63,7 +63,7 @@ def main(grid: Grid, context: Context) -> None:
     _show_core_logs()
     simulation = is_simulation(grid)
     if not simulation:
-        grid = PromptGrid(grid)  # replies collected as they arrive, not every 3 s
+        grid = PromptGrid(grid)  # replies collected as they arrive, not every 3 s; arrays packed into one
     run_config = dict(context.run_config)
     experiment = experiment_from_run_config(run_config)
     resume = bool(run_config.get("resume", False))

@@ -6,14 +6,21 @@ reply arrived, in every exchange (capacity query, training, the nodes' evaluatio
 ``PromptGrid`` wraps it and polls quickly at first, backing off to that interval on
 a long round, so a reply is collected within a fraction of a second of arriving without
 asking the SuperLink more than a few times per second.
+
+It also packs every message's arrays into one array (``fedra_core.wire.pack``): Flower
+sends each array of a record as its own object, one request each between a SuperNode
+and the SuperLink, and a task of 75 arrays took seconds each way through the TLS proxy.
+A node replies packed to a packed task; the server reads packed and unpacked replies alike.
 """
 
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
+
+from fedra_core.wire import PACKED, PACKED_STYPE, pack
 
 FIRST_WAIT = 0.1  # seconds between the first pulls
 MAX_WAIT = 3.0  # Flower's own interval: the slowest this grid polls
@@ -23,9 +30,10 @@ BACKOFF = 1.25
 class PromptGrid(Grid):
     """Every call goes to ``grid``; ``send_and_receive`` pulls replies with a short, growing wait."""
 
-    def __init__(self, grid: Grid, first_wait: float = FIRST_WAIT, max_wait: float = MAX_WAIT) -> None:
+    def __init__(self, grid: Grid, first_wait: float = FIRST_WAIT, max_wait: float = MAX_WAIT,
+                 packed: bool = True) -> None:
         self._grid = grid
-        self.first_wait, self.max_wait = first_wait, max_wait
+        self.first_wait, self.max_wait, self.packed = first_wait, max_wait, packed
         self.pulls = 0  # pull requests made, for tests and logs
 
     def set_run(self, run: Any) -> None:
@@ -45,6 +53,11 @@ class PromptGrid(Grid):
         return self._grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        if self.packed:
+            for message in messages:
+                if message.has_content() and "arrays" in message.content.array_records:
+                    message.content["arrays"] = packed_record(message.content.array_records["arrays"])
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -67,3 +80,11 @@ class PromptGrid(Grid):
             time.sleep(pause)
             wait = min(wait * BACKOFF, self.max_wait)
         return replies
+
+
+def packed_record(record: ArrayRecord) -> ArrayRecord:
+    """``record``'s arrays packed into one array (a record already packed is returned as it is)."""
+    if list(record.keys()) == [PACKED]:
+        return record
+    blob = pack([(k, a.dtype, tuple(a.shape), a.stype, a.data) for k, a in record.items()])
+    return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(blob),), stype=PACKED_STYPE, data=blob)})

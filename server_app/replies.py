@@ -10,11 +10,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 
 from fedra_core.aggregation import InvalidReply, check_delta
 from fedra_core.lora import State
-from fedra_core.wire import WireError, check_array_meta, check_decoded, decode
+from fedra_core.wire import PACKED, PACKED_STYPE, WireError, check_array_meta, check_decoded, decode, unpack
 
 # Metrics a client may report about its round, with the record's name for each. Any
 # other metric is ignored: a client never writes keys of its own into the run's records.
@@ -94,18 +94,33 @@ def read_capacity(reply: Message, num_clients: int) -> Capacity:
     )
 
 
+def unpacked(record: ArrayRecord) -> dict[str, Array]:
+    """The arrays of a record, packed (``fedra_core.wire.pack``) or not; ``InvalidReply`` when unreadable."""
+    if list(record.keys()) != [PACKED] or record[PACKED].stype != PACKED_STYPE:
+        return dict(record.items())
+    try:
+        items = unpack(record[PACKED].data)
+    except WireError as err:
+        raise InvalidReply(str(err)) from err
+    strange = [name for name, _, _, stype, _ in items if stype != "numpy.ndarray"]
+    if strange:
+        raise InvalidReply(f"packed arrays: {strange[0]} is not a NumPy array")
+    return {name: Array(dtype=dtype, shape=shape, stype=stype, data=data) for name, dtype, shape, stype, data in items}
+
+
 def read_arrays(record: ArrayRecord, sent: State, wire_dtype: str) -> State:
-    """The delta in ``record``: the sent keys exactly, each checked by metadata, then decoded."""
-    keys = set(record.keys())
+    """The delta in ``record`` (packed or not): the sent keys exactly, each checked by metadata, then decoded."""
+    items = unpacked(record)
+    keys = set(items)
     missing, extra = sorted(set(sent) - keys), sorted(keys - set(sent))
     if missing or extra:
         raise InvalidReply(f"keys differ from those sent: missing {missing[:3]} ({len(missing)}), "
                            f"unexpected {extra[:3]} ({len(extra)})")
     arrays = {}
     try:
-        for key, array in record.items():
+        for key, array in items.items():
             check_array_meta(key, array.dtype, array.shape, len(array.data), sent[key].shape, wire_dtype)
-        for key, array in record.items():
+        for key, array in items.items():
             arrays[key] = array.numpy()
             check_decoded(key, arrays[key], array.dtype, array.shape)
     except WireError as err:

@@ -1,0 +1,65 @@
+"""``python -m client_app.supernode``: Flower's SuperNode with its polling waits capped.
+
+The local cluster's nodes run through it (every cluster test exercises it end to end);
+these tests pin what it changes inside Flower and that bad values are refused.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.supernode import start_client_internal as internal
+
+from client_app import supernode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
+import local_cluster  # noqa: E402
+
+
+@pytest.fixture
+def restore_flower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo the patch and the environment variable after the test."""
+    monkeypatch.setattr(internal, "time", internal.time)
+    monkeypatch.delenv(supernode.SUPEREXEC_POLL_ENV, raising=False)
+
+
+def test_flower_waits_are_capped(restore_flower: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert supernode.shorten_waits(0.2)
+    internal.time.sleep(3)  # the idle SuperNode's wait between asks for messages
+    internal.time.sleep(0.5)  # its wait for a reply to push
+    internal.time.sleep(0.05)
+    assert slept == [0.2, 0.2, 0.05]
+    assert internal.time.monotonic is time.monotonic  # everything else is the time module's
+    assert os.environ[supernode.SUPEREXEC_POLL_ENV] == "0.2"  # the SuperExec it spawns polls as often
+
+
+def test_a_foreign_layout_runs_flower_unchanged(restore_flower: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(internal, "time", object())
+    assert not supernode.shorten_waits(0.2)
+
+
+@pytest.mark.parametrize("value", ["0", "5", "-1"])
+def test_bad_poll_interval_is_refused(value: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "client_app.supernode", "--poll-interval", value],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "--poll-interval must be between 0.01 and 3 seconds" in result.stderr
+
+
+def test_local_cluster_refuses_a_bad_poll_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    assert local_cluster.main(["--poll-interval", "7"]) == 2
+    assert "--poll-interval must be 0" in capsys.readouterr().err
+
+
+def test_local_cluster_starts_nodes_through_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[list[str]] = []
+    monkeypatch.setattr(local_cluster, "spawn", lambda command, log, env: commands.append(command))
+    local_cluster.start_supernode(tmp_path, "node-0", 9092, "partition-id=0", {}, None, None, poll=0.2)
+    local_cluster.start_supernode(tmp_path, "node-1", 9092, "partition-id=1", {}, None, None)
+    assert commands[0][:5] == [sys.executable, "-m", "client_app.supernode", "--poll-interval", "0.2"]
+    assert commands[1][0] == "flower-supernode"
