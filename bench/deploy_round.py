@@ -31,7 +31,7 @@ from common import ROOT, machine, table
 EXPERIMENT = "deploy/cluster.yaml"
 
 
-def run(kind: str, out: Path, rounds: int) -> list[dict]:
+def run(kind: str, out: Path, rounds: int, poll: float = 0.2) -> list[dict]:
     """One run of the experiment; its round records."""
     run_config = f"experiment='{EXPERIMENT}' output-dir='{out}' run-name='{kind}' num-server-rounds={rounds}"
     if kind == "simulation":
@@ -42,8 +42,7 @@ def run(kind: str, out: Path, rounds: int) -> list[dict]:
                    "--max-layers", "12,6,3", "-c", run_config]
         if kind == "worker-off":
             command += ["--node-config", "worker='off'"]
-        if kind == "flower-waits":
-            command += ["--poll-interval", "0"]
+        command += ["--poll-interval", "0" if kind == "flower-waits" else str(poll)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
     path = out / kind / "rounds.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -55,26 +54,36 @@ def summary(records: list[dict]) -> dict[str, float]:
     slowest = [max(c["metrics"]["total_seconds"] for c in r["clients"] if c["status"] == "ok") for r in later]
     training = [max(c["metrics"]["train_seconds"] for c in r["clients"] if c["status"] == "ok") for r in later]
     warm = [np.mean([c["metrics"].get("worker", 0) for c in r["clients"]]) for r in later]
+    wait = [max(c["metrics"].get("wait_seconds", 0) for c in r["clients"] if c["status"] == "ok") for r in later]
+    startup = [max(c["metrics"].get("startup_seconds", 0) for c in r["clients"] if c["status"] == "ok") for r in later]
     return {"round": float(np.mean([r["round_seconds"] for r in later])),
             "slowest_call": float(np.mean(slowest)), "training": float(np.mean(training)),
-            "evaluation": float(np.mean([r["eval_seconds"] for r in later])), "warm_share": float(np.mean(warm))}
+            "evaluation": float(np.mean([r["eval_seconds"] for r in later])), "warm_share": float(np.mean(warm)),
+            "wait": float(np.mean(wait)), "startup": float(np.mean(startup))}
 
 
 def main() -> None:
     """Run the four ways and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--poll-interval", type=float, default=0.2,
+                        help="the SuperNodes' longest wait between polls in the cluster runs (local_cluster.py's)")
+    parser.add_argument("--only", nargs="+", choices=["worker-on", "flower-waits", "worker-off"],
+                        help="cluster runs to make (default all; the simulation always runs)")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="fedra-deploy-round-"))
     kinds = {"simulation": "simulation", "cluster, worker on": "worker-on",
              "cluster, worker on, Flower's 3 s / 1 s polls": "flower-waits", "cluster, worker off": "worker-off"}
-    results = {label: summary(run(kind, out, args.rounds)) for label, kind in kinds.items()}
-    print(f"{machine()}; {EXPERIMENT}, rounds 2..{args.rounds} averaged; outputs in {out}")
+    kinds = {label: kind for label, kind in kinds.items() if kind == "simulation" or not args.only or kind in args.only}
+    results = {label: summary(run(kind, out, args.rounds, args.poll_interval)) for label, kind in kinds.items()}
+    print(f"{machine()}; {EXPERIMENT}, rounds 2..{args.rounds} averaged, --poll-interval {args.poll_interval}; "
+          f"outputs in {out}")
     rows = [[kind, f"{r['round']:.1f}", f"{r['slowest_call']:.1f}", f"{r['training']:.1f}", f"{r['evaluation']:.1f}",
-             f"{100 * r['warm_share']:.0f}%", f"{r['round'] / results['simulation']['round']:.2f}"]
-            for kind, r in results.items()]
+             f"{r['wait']:.1f}", f"{r['startup']:.1f}", f"{100 * r['warm_share']:.0f}%",
+             f"{r['round'] / results['simulation']['round']:.2f}"] for kind, r in results.items()]
     print(table(["run", "round (s)", "slowest ClientApp call (s)", "its training (s)", "server evaluation (s)",
-                 "calls served warm", "round / simulation round"], rows))
+                 "task sent to handler, slowest (s)", "of it, ClientApp process start (s)", "calls served warm",
+                 "round / simulation round"], rows))
     print("target: cluster with the worker <= 1.3 x simulation")
 
 

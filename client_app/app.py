@@ -6,7 +6,9 @@ when there is none ready, runs the same task here (``fedra_core.task``).
 """
 
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -64,6 +66,20 @@ def _run(kind: str, message: Message, context: Context) -> Any:
     return run_evaluate(config, arrays, node_config)
 
 
+def _arrival(message: Message) -> dict[str, float]:
+    """In a deployed ClientApp process: seconds from the message's creation (server clock) and
+    from this process's start to now, where the handler begins (``wait-seconds``, ``startup-seconds``)."""
+    if Path(sys.argv[0]).name != "flwr-clientapp":
+        return {}
+    out = {"wait-seconds": max(time.time() - message.metadata.created_at, 0.0)}
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # starttime
+        out["startup-seconds"] = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Declare this node's capacity (``max-layers``), partition, domain, data size and backbone."""
@@ -75,9 +91,10 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Assemble the sub-model of the sent blocks, train it locally, reply with the deltas."""
-    start = time.perf_counter()
+    start, arrival = time.perf_counter(), _arrival(message)
     delta, metrics = _run("train", message, context)
     metrics["total-seconds"] = time.perf_counter() - start
+    metrics.update(arrival)
     wire = _reply_record(delta, _packed(message.content["arrays"]))
     return Message(RecordDict({"arrays": wire, "metrics": MetricRecord(metrics)}), reply_to=message)
 

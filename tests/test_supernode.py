@@ -14,6 +14,7 @@ import pytest
 from flwr.supernode import start_client_internal as internal
 
 from client_app import supernode
+from flower_messages import run_identity  # noqa: F401 - autouse fixture: Flower messages need a run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
 import local_cluster  # noqa: E402
@@ -63,3 +64,43 @@ def test_local_cluster_starts_nodes_through_it(tmp_path, monkeypatch: pytest.Mon
     local_cluster.start_supernode(tmp_path, "node-1", 9092, "partition-id=1", {}, None, None)
     assert commands[0][:5] == [sys.executable, "-m", "client_app.supernode", "--poll-interval", "0.2"]
     assert commands[1][0] == "flower-supernode"
+
+
+def test_the_lean_launcher_is_flowers_clientapp_without_the_supernode_cli(tmp_path: Path) -> None:
+    path = supernode.lean_clientapp(tmp_path / "bin")
+    assert path.stat().st_mode & 0o777 == 0o700
+    assert supernode.lean_clientapp(tmp_path / "bin") == path  # written once, rewritten only when it differs
+    result = subprocess.run([str(path), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "usage: flwr-clientapp" in result.stdout
+    probe = path.read_text().replace("sys.exit(flwr_clientapp())",
+                                     "print('flwr.supernode.cli.flower_supernode' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_the_superexec_finds_the_lean_launcher_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    assert supernode.use_lean_clientapp()
+    found = Path(shutil.which("flwr-clientapp") or "")
+    assert found.parent.parent == supernode_private_dir() and found.read_text().startswith(f"#!{sys.executable}")
+
+
+def supernode_private_dir() -> Path:
+    from client_app.worker import private_dir
+
+    return private_dir()  # type: ignore[return-value]
+
+
+def test_a_deployed_clientapp_reports_when_its_task_reached_the_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from client_app.app import _arrival
+
+    message = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    assert _arrival(message) == {}  # not a flwr-clientapp process (simulation, tests): nothing to report
+    monkeypatch.setattr(sys, "argv", ["/x/flwr-clientapp"])
+    arrival = _arrival(message)
+    assert set(arrival) == {"wait-seconds", "startup-seconds"}
+    assert 0 <= arrival["wait-seconds"] and 0 < arrival["startup-seconds"]
