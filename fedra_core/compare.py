@@ -237,6 +237,42 @@ def results_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(runs: Sequence[Run], reference: str) -> str:
+    """Markdown table: each method minus ``reference``, seed by seed (final round / last rounds), and their mean.
+
+    Differences paired by seed cancel what a seed does to every method alike (its data
+    split, its test draw), so they are less noisy than differences of the means. Empty
+    when ``reference`` is not among the runs or shares no seed with another method.
+    """
+    by_method: dict[str, dict[int, Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, {})[run.seed] = run
+    if reference not in by_method:
+        return ""
+    base = by_method[reference]
+    seeds = sorted({seed for group in by_method.values() for seed in group} & set(base))
+    lines = [f"| method − {reference} | " + " | ".join(f"seed {s}" for s in seeds) +
+             f" | mean (final) | mean (last {LAST_ROUNDS} rounds) | seeds paired |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+    for method, group in by_method.items():
+        paired = [s for s in seeds if s in group]
+        if method == reference or not paired:
+            continue
+        final = {s: group[s].final["mean_accuracy"] - base[s].final["mean_accuracy"] for s in paired}
+        last = [group[s].last_rounds_mean() - base[s].last_rounds_mean() for s in paired]
+        cells = [f"{100 * final[s]:+.1f} / {100 * last[paired.index(s)]:+.1f}" if s in final else "–"
+                 for s in seeds]
+        lines.append(f"| {method} | " + " | ".join(cells) +
+                     f" | {_signed_mean_std(list(final.values()))} | {_signed_mean_std(last)} | {len(paired)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _signed_mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:+.1f}"
+    return f"{100 * np.mean(values):+.1f} ± {100 * np.std(values):.1f}"
+
+
 def architecture_table(runs: Sequence[Run]) -> str:
     """HeteroTune: each architecture's mean accuracy over the domains per method (final, last rounds), seeds' spread.
 
@@ -335,11 +371,22 @@ def plot_participation(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
-def report(run_dirs: Sequence[Path], out: Path, title: str = "") -> str:
-    """Write ``results.md``, ``accuracy.png`` and ``participation.png`` for finished runs; return the table."""
+def report(run_dirs: Sequence[Path], out: Path, title: str = "", paired_with: str | None = None) -> str:
+    """Write ``results.md``, ``accuracy.png`` and ``participation.png`` for finished runs; return the table.
+
+    ``paired_with`` names the method every other is compared with seed by seed
+    (default ``fedra`` when it ran, else the first method).
+    """
     runs = [read_run(Path(p)) for p in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(runs)
+    reference = paired_with or ("fedra" if any(r.method == "fedra" for r in runs) else runs[0].method)
+    if paired_with and all(r.method != paired_with for r in runs):
+        raise ValueError(f"--paired-with {paired_with}: no run of that method among {sorted({r.method for r in runs})}")
+    paired = paired_table(runs, reference)
+    if paired:
+        table += ("\n\nPaired by seed, mean accuracy over domains minus that of " + reference +
+                  f" (points; final round / mean of the last {LAST_ROUNDS} rounds):\n\n" + paired)
     blocks = ["", "Blocks trained (client-rounds, all domains) per method, first seed:", "",
               "| method | " + " | ".join(str(i) for i in range(runs[0].num_layers)) + " |",
               "|---|" + "---|" * runs[0].num_layers]
@@ -394,6 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("runs", nargs="+", type=Path)
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--title", default="")
+    for command in (run, rep):
+        command.add_argument("--paired-with", default=None, metavar="METHOD",
+                             help="the method every other is compared with, seed by seed (default fedra, "
+                                  "else the first method)")
     args = parser.parse_args(argv)
     _stop_on_signals()
     try:
@@ -402,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = run_all(args.base.resolve(), args.methods, args.seeds, out, dict(args.overrides))
         else:
             out, paths = args.out.resolve(), args.runs
-        print(report(paths, out, args.title))
+        print(report(paths, out, args.title, args.paired_with))
     except ValueError as err:  # PreflightError, ConfigError, an unknown method: nothing was run
         return _fail(2, str(err))
     except (RunFailed, FileNotFoundError) as err:  # a run failed, or a folder is no finished run

@@ -87,6 +87,30 @@ def test_seeds_are_averaged(tmp_path: Path) -> None:
     assert "| fedra | 70.0 ± 10.0 | 50.0 ± 10.0 | **60.0 ± 10.0** | 60.0 ± 10.0 | 0,1 |" in compare.results_table(runs)
 
 
+def _seeded_run(folder: Path, method: str, seed: int, final: list[float]) -> compare.Run:
+    path = _finished_run(folder, method, [[[1, 1, 0, 0], [0, 0, 1, 1]]], final)
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    config["seed"] = seed
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    return compare.read_run(path)
+
+
+def test_differences_are_paired_by_seed(tmp_path: Path) -> None:
+    finals = {("fedra", 0): [0.6, 0.4], ("fedra", 1): [0.8, 0.6], ("depthfl", 0): [0.7, 0.5],
+              ("depthfl", 1): [0.8, 0.4], ("all-small", 1): [0.5, 0.5]}
+    runs = [_seeded_run(tmp_path / f"{m}{s}", m, s, final) for (m, s), final in finals.items()]
+    table = compare.paired_table(runs, "fedra").splitlines()
+    assert table[0] == "| method − fedra | seed 0 | seed 1 | mean (final) | mean (last 5 rounds) | seeds paired |"
+    # depthfl - fedra: +10.0 at seed 0, -10.0 at seed 1 (the final round is the only round evaluated after 0)
+    assert "| depthfl | +10.0 / +10.0 | -10.0 / -10.0 | +0.0 ± 10.0 | +0.0 ± 10.0 | 2 |" in table
+    assert "| all-small | – | -20.0 / -20.0 | -20.0 | -20.0 | 1 |" in table
+    assert compare.paired_table(runs, "inclusivefl") == ""
+    written = compare.report([r.path for r in runs], tmp_path / "out")
+    assert "minus that of fedra" in written and "| depthfl | +10.0 / +10.0 |" in written
+    with pytest.raises(ValueError, match="--paired-with fedx: no run of that method"):
+        compare.report([r.path for r in runs], tmp_path / "out", paired_with="fedx")
+
+
 def test_unfinished_run_and_unknown_method_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
