@@ -55,9 +55,12 @@ class AdapterSettings:
     rank: int = 16  # size of the space every architecture shares
     experts: int = 4  # shared expert branches per slot, all active
     slots: int = 4  # shared slots; blocks map to them by relative depth
+    input_hidden: int = 0  # channels of the shared input adapter (a residual conv on the image); 0: none
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, "backbone.adapter.rank", self.rank, "an integer >= 1")
+        _require(isinstance(self.input_hidden, int) and 0 <= self.input_hidden <= 256,
+                 "backbone.adapter.input_hidden", self.input_hidden, "an integer in 0..256 (0: no input adapter)")
         _require(self.experts >= 1, "backbone.adapter.experts", self.experts, "an integer >= 1")
         _require(self.slots >= 1, "backbone.adapter.slots", self.slots, "an integer >= 1")
 

@@ -97,6 +97,29 @@ class SharedHead(nn.Module):
         return self.private(features) + self._shared[0](self.proj(features))
 
 
+class InputAdapter(nn.Module):
+    """Shared by every architecture: a residual correction of the input image, ``x + conv(gelu(conv(x)))``.
+
+    The image is the one thing every architecture sees in the same space, so what a
+    client of one architecture learns here (how its domain's images should look to a
+    frozen backbone) applies unchanged to every other. It starts as the identity.
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.inner = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.outer = nn.Conv2d(hidden, channels, 3, padding=1)
+        nn.init.zeros_(self.outer.weight)
+        nn.init.zeros_(self.outer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.outer(nn.functional.gelu(self.inner(x)))
+
+
+def _adapt_input(patch_embed: nn.Module, inputs: tuple) -> tuple:
+    return (patch_embed.input_adapter[0](inputs[0]), *inputs[1:])
+
+
 def _add_adapter(block: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
     return output + block.adapter(output)
 
@@ -106,9 +129,9 @@ def _seeded(seed: int, index: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def _draw_linear(layer: nn.Linear, generator: torch.Generator) -> None:
-    """Re-draw a linear layer as ``nn.Linear`` initializes it, from ``generator`` alone."""
-    bound = 1.0 / layer.in_features ** 0.5
+def _draw_linear(layer: nn.Linear | nn.Conv2d, generator: torch.Generator) -> None:
+    """Re-draw a linear (or convolution) layer with ``nn.Linear``'s uniform bound, from ``generator`` alone."""
+    bound = 1.0 / (layer.weight[0].numel() ** 0.5)
     for param in (layer.weight, layer.bias):
         param.copy_(torch.rand(param.shape, generator=generator) * 2 * bound - bound)
 
@@ -154,6 +177,12 @@ def attach_dema(model: nn.Module, settings: AdapterSettings, depth: int, num_cla
         block.adapter = BlockAdapter(model.num_features, settings.rank, settings.experts,
                                      model.dema[key]).to(device)
         block.register_forward_hook(_add_adapter)
+    if settings.input_hidden:
+        adapter = InputAdapter(model.patch_embed.proj.in_channels, settings.input_hidden)
+        _draw_linear(adapter.inner, _seeded(seed, 1_000_000))
+        model.dema["input"] = adapter.to(device)
+        model.patch_embed.input_adapter = [model.dema["input"]]  # held, not registered
+        model.patch_embed.register_forward_pre_hook(_adapt_input)
     shared_head = nn.Linear(settings.rank, num_classes)
     _draw_linear(shared_head, _seeded(seed, 0))
     model.dema["head"] = shared_head.to(device)

@@ -41,20 +41,22 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return caches
 
 
-def _experiment(family: dict[str, Path], method: str = "hetero", **strategy: object):  # noqa: ANN202
+def _experiment(family: dict[str, Path], method: str = "hetero", input_hidden: int = 0,
+                **strategy: object):  # noqa: ANN202
     return experiment_from_dict({
         "seed": 2,
         "backbone": {"architectures": [{"name": n, "cache": str(c)} for n, c in family.items()],
-                     "adapter": {"rank": 4, "experts": 3, "slots": 2}},
+                     "adapter": {"rank": 4, "experts": 3, "slots": 2, "input_hidden": input_hidden}},
         "clients": {"capacities": [4, 2, 6, 3, 6, 6], "architectures": ["s", "s", "m", "m", "l", "l"]},
         "strategy": {"method": method, **strategy},
         "training": {"local_steps": 2, "batch_size": 8},
     })
 
 
-def _model(family: dict[str, Path], arch: str, method: str = "hetero", layers: list[int] | None = None):  # noqa: ANN202
-    return GlobalModel(family[arch], NUM_CLASSES, method_for(_experiment(family, method)), layers=layers,
-                       architecture=arch)
+def _model(family: dict[str, Path], arch: str, method: str = "hetero", layers: list[int] | None = None,
+           input_hidden: int = 0):  # noqa: ANN202
+    return GlobalModel(family[arch], NUM_CLASSES, method_for(_experiment(family, method, input_hidden)),
+                       layers=layers, architecture=arch)
 
 
 def test_slots_follow_relative_depth() -> None:
@@ -89,6 +91,26 @@ def test_adapters_start_as_identity_and_train_only_their_parts(family: dict[str,
     torch.testing.assert_close(features, reference)  # up-projections start at zero
     trainable = {k for k, p in model.model.named_parameters() if p.requires_grad}
     assert trainable and all("adapter" in k or k.startswith(("dema.", "head.")) for k in trainable)
+
+
+def test_the_input_adapter_is_shared_starts_as_identity_and_trains(family: dict[str, Path]) -> None:
+    small, large = _model(family, "s", input_hidden=6), _model(family, "l", input_hidden=6)
+    keys = {k for k in small.initial_state() if k.startswith("dema.input.")}
+    assert keys == {f"dema.input.{c}.{p}" for c in ("inner", "outer") for p in ("weight", "bias")}
+    assert keys <= set(large.initial_state())  # one tensor for every architecture
+    torch.testing.assert_close(small.initial_state()["dema.input.inner.weight"],
+                               large.initial_state()["dema.input.inner.weight"])
+    plain = _model(family, "s")
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small.model.forward_features(images), plain.model.forward_features(images))
+        small.model.dema["input"].outer.weight.fill_(0.1)  # identity at the start, and in the path:
+        assert not torch.allclose(small.model.forward_features(images), plain.model.forward_features(images))
+    isolated = _model(family, "s", "isolated", input_hidden=6).initial_state()
+    assert "s/dema.input.inner.weight" in isolated  # private without cross-model sharing
+    sent = method_for(_experiment(family, input_hidden=6)).sendable(
+        {**small.initial_state(), **large.initial_state()}, [0], "s", 4)
+    assert keys <= set(sent)  # every client, whatever blocks it holds
 
 
 def test_a_client_is_sent_its_blocks_its_slots_and_nothing_of_another_architecture(family: dict[str, Path]) -> None:
