@@ -79,6 +79,10 @@ def read_run(path: Path) -> Run:
     records = [json.loads(line) for line in rounds_file.read_text().splitlines() if line.strip()]
     if not any(r.get("accuracy") for r in records):
         raise ValueError(f"{rounds_file} holds no evaluated round")
+    planned, last = (config.get("training") or {}).get("rounds"), records[-1].get("round")
+    if isinstance(planned, int) and isinstance(last, int) and last < planned:
+        raise FileNotFoundError(f"{path} is unfinished: its last round is {last} of {planned} "
+                                "(`python -m fedra_core.compare run` with its base and method resumes it)")
     strategy = config.get("strategy", {})
     method = strategy.get("method", "fedra")
     if method == "hetero" and strategy.get("cmga") is False:

@@ -115,6 +115,11 @@ def test_unfinished_run_and_unknown_method_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
         compare.read_run(tmp_path / "empty")
+    stopped = _finished_run(tmp_path / "stopped", "depthfl", [[[1, 1, 0, 0], [1, 0, 0, 0]]] * 2, [0.5, 0.5])
+    config = yaml.safe_load((stopped / "config.yaml").read_text())
+    (stopped / "config.yaml").write_text(yaml.safe_dump({**config, "training": {"rounds": 30}}))
+    with pytest.raises(FileNotFoundError, match="unfinished: its last round is 2 of 30"):  # never in a table
+        compare.report([stopped], tmp_path / "out")
     with pytest.raises(ValueError, match="'fedx' is not a method"):
         compare.run_all(Path("configs/bench-feature.yaml"), ["fedx"], [0], tmp_path / "out")
 
