@@ -106,7 +106,11 @@ def unpacked(record: ArrayRecord) -> dict[str, Array]:
     strange = [name for name, _, _, stype, _ in items if stype != "numpy.ndarray"]
     if strange:
         raise InvalidReply(f"packed arrays: {strange[0]} is not a NumPy array")
-    return {name: Array(dtype=dtype, shape=shape, stype=stype, data=data) for name, dtype, shape, stype, data in items}
+    try:
+        return {name: Array(dtype=dtype, shape=shape, stype=stype, data=data)
+                for name, dtype, shape, stype, data in items}
+    except (TypeError, ValueError) as err:  # Flower's own checks of an array's fields
+        raise InvalidReply(f"packed arrays: {err}") from err
 
 
 def read_arrays(record: ArrayRecord, sent: State, wire_dtype: str) -> State:
