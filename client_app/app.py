@@ -16,14 +16,14 @@ from flwr.clientapp import ClientApp
 
 from client_app import worker
 from fedra_core.task import RawArrays, TaskRefused, run_evaluate, run_query, run_train
-from fedra_core.wire import PACKED, PACKED_STYPE, WireError, pack, unpack
+from fedra_core.wire import PACKED, PACKED_STYPE, WireError, is_packed, pack, unpack_numpy
 
 app = ClientApp()
 
 
 def _packed(record: ArrayRecord) -> bool:
     """Whether the record carries its arrays packed into one (as a deployed server sends them)."""
-    return list(record.keys()) == [PACKED] and record[PACKED].stype == PACKED_STYPE
+    return is_packed(list(record.keys()), record[PACKED].stype if PACKED in record else None)
 
 
 def _raw(record: ArrayRecord) -> RawArrays:
@@ -31,12 +31,9 @@ def _raw(record: ArrayRecord) -> RawArrays:
     if not _packed(record):
         return {name: (array.dtype, tuple(array.shape), array.data) for name, array in record.items()}
     try:
-        items = unpack(record[PACKED].data)
+        items = unpack_numpy(record[PACKED].data)
     except WireError as err:
         raise TaskRefused(f"the task's arrays: {err}") from err
-    strange = [name for name, _, _, stype, _ in items if stype != "numpy.ndarray"]
-    if strange:
-        raise TaskRefused(f"the task's arrays: {strange[0]} is not a NumPy array")
     return {name: (dtype, shape, data) for name, dtype, shape, _, data in items}
 
 

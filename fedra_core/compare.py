@@ -263,11 +263,10 @@ def paired_table(runs: Sequence[Run], reference: str) -> str:
         if method == reference or not paired:
             continue
         final = {s: group[s].final["mean_accuracy"] - base[s].final["mean_accuracy"] for s in paired}
-        last = [group[s].last_rounds_mean() - base[s].last_rounds_mean() for s in paired]
-        cells = [f"{100 * final[s]:+.1f} / {100 * last[paired.index(s)]:+.1f}" if s in final else "–"
-                 for s in seeds]
-        lines.append(f"| {method} | " + " | ".join(cells) +
-                     f" | {_signed_mean_std(list(final.values()))} | {_signed_mean_std(last)} | {len(paired)} |")
+        last = {s: group[s].last_rounds_mean() - base[s].last_rounds_mean() for s in paired}
+        cells = [f"{100 * final[s]:+.1f} / {100 * last[s]:+.1f}" if s in final else "–" for s in seeds]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_signed_mean_std(list(final.values()))} | "
+                     f"{_signed_mean_std(list(last.values()))} | {len(paired)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

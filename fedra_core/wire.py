@@ -120,6 +120,20 @@ def pack(items: Sequence[PackedItem]) -> bytes:
     return b"".join([struct.pack("<Q", len(header)), header, *(data for *_, data in items)])
 
 
+def is_packed(names: Sequence[str], stype: str | None) -> bool:
+    """Whether a record with these array names (and its first array's stype) is a packed one."""
+    return list(names) == [PACKED] and stype == PACKED_STYPE
+
+
+def unpack_numpy(blob: bytes) -> list[PackedItem]:
+    """``unpack``, every entry also required to be a NumPy array (no other serialization is ever read)."""
+    items = unpack(blob)
+    strange = [name for name, _, _, stype, _ in items if stype != "numpy.ndarray"]
+    if strange:
+        raise WireError(f"packed arrays: {strange[0]} is not a NumPy array")
+    return items
+
+
 def unpack(blob: bytes) -> list[PackedItem]:
     """The items of a packed blob, every field checked; ``WireError`` naming what is wrong."""
     import json

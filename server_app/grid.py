@@ -30,10 +30,9 @@ BACKOFF = 1.25
 class PromptGrid(Grid):
     """Every call goes to ``grid``; ``send_and_receive`` pulls replies with a short, growing wait."""
 
-    def __init__(self, grid: Grid, first_wait: float = FIRST_WAIT, max_wait: float = MAX_WAIT,
-                 packed: bool = True) -> None:
+    def __init__(self, grid: Grid, first_wait: float = FIRST_WAIT, max_wait: float = MAX_WAIT) -> None:
         self._grid = grid
-        self.first_wait, self.max_wait, self.packed = first_wait, max_wait, packed
+        self.first_wait, self.max_wait = first_wait, max_wait
         self.pulls = 0  # pull requests made, for tests and logs
 
     def set_run(self, run: Any) -> None:
@@ -54,10 +53,9 @@ class PromptGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        if self.packed:
-            for message in messages:
-                if message.has_content() and "arrays" in message.content.array_records:
-                    message.content["arrays"] = packed_record(message.content.array_records["arrays"])
+        for message in messages:
+            if message.has_content() and "arrays" in message.content.array_records:
+                message.content["arrays"] = packed_record(message.content.array_records["arrays"])
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

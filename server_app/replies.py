@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from fedra_core.aggregation import InvalidReply, check_delta
 from fedra_core.lora import State
-from fedra_core.wire import PACKED, PACKED_STYPE, WireError, check_array_meta, check_decoded, decode, unpack
+from fedra_core.wire import PACKED, WireError, check_array_meta, check_decoded, decode, is_packed, unpack_numpy
 
 # Metrics a client may report about its round, with the record's name for each. Any
 # other metric is ignored: a client never writes keys of its own into the run's records.
@@ -97,15 +97,12 @@ def read_capacity(reply: Message, num_clients: int) -> Capacity:
 
 def unpacked(record: ArrayRecord) -> dict[str, Array]:
     """The arrays of a record, packed (``fedra_core.wire.pack``) or not; ``InvalidReply`` when unreadable."""
-    if list(record.keys()) != [PACKED] or record[PACKED].stype != PACKED_STYPE:
+    if not is_packed(list(record.keys()), record[PACKED].stype if PACKED in record else None):
         return dict(record.items())
     try:
-        items = unpack(record[PACKED].data)
+        items = unpack_numpy(record[PACKED].data)
     except WireError as err:
         raise InvalidReply(str(err)) from err
-    strange = [name for name, _, _, stype, _ in items if stype != "numpy.ndarray"]
-    if strange:
-        raise InvalidReply(f"packed arrays: {strange[0]} is not a NumPy array")
     try:
         return {name: Array(dtype=dtype, shape=shape, stype=stype, data=data)
                 for name, dtype, shape, stype, data in items}
