@@ -15,6 +15,7 @@ from fedra_core.methods import method_class, method_names, surrogate_methods
 DATASETS = ("builtin-digits", "folder", "domainnet", "nicopp")
 PARTITIONINGS = ("feature", "feature-label")
 WEIGHTINGS = ("uniform", "num-examples")
+DISTILL_TEACHERS = ("mean", "confidence")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 EVALUATION_MODES = ("server", "clients", "both")
@@ -146,6 +147,9 @@ class DataConfig:
     num_classes: int | None = None  # DomainNet: keep the first N classes
     test_fraction: float = 0.2
     max_test_per_domain: int | None = None
+    # share of every domain's training images held back from the clients: the server's unlabeled proxy
+    # set (HeteroTune's cross-architecture distillation); 0 keeps every image for the clients
+    proxy_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {DATASETS}")
@@ -156,6 +160,7 @@ class DataConfig:
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "> 0")
         _require(self.min_samples >= 1, "data.min_samples", self.min_samples, ">= 1")
         _require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "in (0, 1)")
+        _require(0 <= self.proxy_fraction <= 0.5, "data.proxy_fraction", self.proxy_fraction, "in [0, 0.5]")
         _require(self.dataset == "builtin-digits" or self.root is not None, "data.root",
                  self.root, f"a folder path for dataset {self.dataset!r}")
         for domain in self.domains or ():
@@ -201,6 +206,15 @@ class StrategyConfig:
     inclusivefl_momentum: float = 0.0
     # HeteroTune (method hetero): align the architectures' updates of every shared tensor before averaging
     cmga: bool = True
+    # HeteroTune (method hetero): after averaging, the server distills every architecture's global model
+    # towards the ensemble of all architectures' predictions on its unlabeled proxy set (data.proxy_fraction);
+    # this many steps per architecture per round, 0: off. Only the architecture's private tensors move.
+    # isolated and hetero-largest ignore it (no sharing across architectures), so one config serves all three.
+    distill_steps: int = 0
+    distill_batch_size: int = 64
+    distill_lr: float = 1.0e-3
+    distill_temperature: float = 2.0
+    distill_teacher: str = "mean"  # mean: the architectures' mean probabilities; confidence: weighted by each one's
     # block surrogates (fedra_core.surrogates), fedra and fedra-cover only: null (none), frozen (distilled
     # once from the backbone) or redistill (the server re-distills them from the current global blocks)
     surrogates: str | None = None
@@ -215,6 +229,16 @@ class StrategyConfig:
         _require(self.surrogates is None or method_class(self.method).surrogates_allowed, "strategy.surrogates",
                  self.surrogates, f"null for strategy.method {self.method!r} (surrogates stand in for the blocks "
                  f"a random sub-model skips: methods {surrogate_methods()})")
+        _require(self.distill_steps >= 0, "strategy.distill_steps", self.distill_steps, "an integer >= 0")
+        _require(self.distill_steps == 0 or method_class(self.method).heterogeneous, "strategy.distill_steps",
+                 self.distill_steps, f"0 for strategy.method {self.method!r} (the server distills across "
+                 "architectures: method hetero; isolated and hetero-largest ignore it, as they ignore cmga)")
+        _require(self.distill_batch_size >= 1, "strategy.distill_batch_size", self.distill_batch_size,
+                 "an integer >= 1")
+        _require(self.distill_lr > 0, "strategy.distill_lr", self.distill_lr, "> 0")
+        _require(self.distill_temperature > 0, "strategy.distill_temperature", self.distill_temperature, "> 0")
+        _require(self.distill_teacher in DISTILL_TEACHERS, "strategy.distill_teacher", self.distill_teacher,
+                 f"one of {DISTILL_TEACHERS}")
         _require(self.surrogates_rank >= 1, "strategy.surrogates_rank", self.surrogates_rank, "an integer >= 1")
         _require(self.surrogates_every >= 1, "strategy.surrogates_every", self.surrogates_every, "an integer >= 1")
         _require(self.depthfl_exit_every >= 1, "strategy.depthfl_exit_every", self.depthfl_exit_every,
@@ -325,6 +349,8 @@ class Experiment:
         for i, name in enumerate(clients or ()):
             _require(name in self.backbone.architecture_names, f"clients.architectures[{i}]", name,
                      f"one of backbone.architectures {self.backbone.architecture_names}")
+        _require(self.strategy.distill_steps == 0 or self.data.proxy_fraction > 0, "data.proxy_fraction",
+                 self.data.proxy_fraction, "> 0 with strategy.distill_steps (the server distills on these images)")
         _require(self.evaluation.mode == "server", "evaluation.mode", self.evaluation.mode,
                  f"'server' for strategy.method {method!r} (every architecture is evaluated on every domain "
                  "by the server; the nodes' evaluation covers one backbone)")

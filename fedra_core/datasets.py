@@ -76,8 +76,8 @@ def _load(experiment: Experiment, meta: CacheMeta, root: str | None, names: Sequ
                         experiment.seed, tuple(names))
 
 
-def _shard_indices(experiment: Experiment, domain: object, domain_index: int, shard: int) -> np.ndarray:
-    """Indices of one client's shard inside its domain; the same on every machine."""
+def _shard_indices(experiment: Experiment, domain: "DomainData", domain_index: int, shard: int) -> np.ndarray:
+    """Indices of one client's shard inside its domain, less the server's proxy images; the same on every machine."""
     from fedra_core.data import partition_dirichlet, partition_feature_skew
 
     cfg = experiment.data
@@ -87,7 +87,34 @@ def _shard_indices(experiment: Experiment, domain: object, domain_index: int, sh
     else:
         shards = partition_dirichlet([domain], cfg.clients_per_domain, cfg.dirichlet_alpha,
                                      cfg.min_samples, rng)
-    return shards[shard].indices
+    indices = shards[shard].indices
+    if cfg.proxy_fraction > 0:  # drawn apart from the shards, so a fraction of 0 leaves them as they were
+        indices = np.setdiff1d(indices, proxy_indices(experiment, domain, domain_index), assume_unique=True)
+        if len(indices) == 0:
+            raise ValueError(f"data.proxy_fraction {cfg.proxy_fraction} leaves client {shard} of domain "
+                             f"{domain.name!r} no training image")
+    return indices
+
+
+def proxy_indices(experiment: Experiment, domain: "DomainData", domain_index: int) -> np.ndarray:
+    """The training images of a domain that ``data.proxy_fraction`` keeps for the server, every class in proportion."""
+    from fedra_core.data import stratified_subset
+
+    labels = np.asarray(domain.train_labels)
+    size = int(round(experiment.data.proxy_fraction * len(labels)))
+    if size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return stratified_subset(labels, size, np.random.default_rng([experiment.seed, domain_index, 7919]))
+
+
+def proxy_sets(experiment: Experiment, meta: CacheMeta, root: str | None = None) -> dict[str, Dataset]:
+    """Every domain's proxy images (``data.proxy_fraction`` of its training split), which no client trains on.
+
+    The server uses them without their labels.
+    """
+    names = domain_names(experiment.data, root)
+    domains = _load(experiment, meta, root or experiment.data.root, names)
+    return {d.name: Subset(d.train, proxy_indices(experiment, d, i).tolist()) for i, d in enumerate(domains)}
 
 
 def domain_of_partition(experiment: Experiment, partition_id: int, root: str | None = None) -> str:

@@ -91,6 +91,7 @@ class Method:
     heterogeneous: ClassVar[bool] = False  # clients run different backbones (backbone.architectures)
     memory_prefix: ClassVar[str] = ""  # checkpoint prefix of ``memory``; empty: the method keeps none
     surrogates_allowed: ClassVar[bool] = False  # ``strategy.surrogates`` may be set (fedra_core.surrogates)
+    cross_distill: ClassVar[bool] = False  # ``strategy.distill_steps`` may be set (fedra_core.crossdistill)
 
     def __init__(self, experiment: "Experiment") -> None:
         self.experiment = experiment
@@ -374,6 +375,7 @@ class Hetero(Method):
     name = "hetero"
     heterogeneous = True
     share = True  # shared parts under shared names; ``isolated`` gives them the architecture's
+    cross_distill = True
 
     def architecture_of(self, partition_id: int) -> str | None:
         return self.experiment.clients.architectures[partition_id]
@@ -433,6 +435,7 @@ class Isolated(Hetero):
 
     name = "isolated"
     share = False
+    cross_distill = False
 
 
 @register
@@ -440,6 +443,7 @@ class HeteroLargest(Hetero):
     """The upper reference: every client runs the largest architecture (listed last), all of its blocks."""
 
     name = "hetero-largest"
+    cross_distill = False  # one architecture: no other model to learn from
 
     @property
     def largest(self) -> str:

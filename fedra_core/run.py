@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import ConcatDataset
 
 from fedra_core.backbone import CacheMeta, read_meta
 from fedra_core.config import ConfigError, Experiment
-from fedra_core.datasets import domain_names, test_sets
+from fedra_core.crossdistill import CrossDistiller
+from fedra_core.datasets import domain_names, proxy_sets, test_sets
 from fedra_core.federated import global_model, require_num_classes
 from fedra_core.lora import State
 from fedra_core.methods import method_for
@@ -153,6 +155,7 @@ class ServerRun:
         self.models = {name: global_model(experiment, cache_of(experiment, name), self.num_classes, device, name)
                        for name in self.metas}
         self.model = next(iter(self.models.values()))
+        self.refine = self._distiller()  # HeteroTune's cross-architecture distillation, or None
         self.start_round = 0
         self.rng = np.random.default_rng(experiment.seed)
         self.state = {}
@@ -179,6 +182,24 @@ class ServerRun:
         self.server_state = checkpoint.server_state
         self.output.truncate_rounds(checkpoint.round)
         logger.info("resuming %s after round %d", self.output.dir, checkpoint.round)
+
+    def _distiller(self) -> CrossDistiller | None:
+        """The server's distillation step between architectures when ``strategy.distill_steps`` asks for one."""
+        experiment = self.experiment
+        if not (self.method.cross_distill and experiment.strategy.distill_steps > 0):
+            return None
+        by_input: dict[tuple, dict[str, Any]] = {}
+        proxy = {}
+        for name, meta in self.metas.items():
+            key = (meta.image_size, meta.mean, meta.std)
+            if key not in by_input:
+                by_input[key] = proxy_sets(experiment, meta)
+            proxy[name] = ConcatDataset(list(by_input[key].values()))
+        try:
+            return CrossDistiller(self.models, self.method, {n: m.num_layers for n, m in self.metas.items()},
+                                  proxy, experiment.strategy, experiment.seed, experiment.training.eval_batch_size)
+        except ValueError as err:
+            raise ConfigError(f"strategy.distill_steps: {err}") from err
 
     def _prepare_method(self) -> dict[str, Any]:
         """The method's server-side work before the first round, with a ``ConfigError`` when it cannot be done."""

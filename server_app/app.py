@@ -73,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
         describe_state(run.state))
     strategy = FedRA(experiment, run.num_layers, run.rng, round_offset=run.start_round,
                      backbone_source=run.meta.source, simulation=simulation,
-                     architectures=run.architectures)
+                     architectures=run.architectures, refine=run.refine)
     strategy.load_server_state(run.server_state)
     strategy.discover(grid, wait_for=experiment.num_clients)
 

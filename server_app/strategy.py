@@ -1,7 +1,7 @@
 """The FedRA Strategy: random block allocation, per-block masked averaging."""
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -119,12 +119,18 @@ class FedRA(Strategy):
         HeteroTune: each architecture's cache source and depth. A node's architecture
         is the one whose source its cache declares; a node whose cache is none of
         them is excluded with the reason.
+    refine : callable, optional
+        The server's step after averaging, ``(state, round) -> (state, info)``
+        (HeteroTune's cross-architecture distillation); ``info`` goes into the
+        round's record as ``distill``.
     """
 
     def __init__(self, experiment: Experiment, num_layers: int, rng: np.random.Generator,
                  round_offset: int = 0, backbone_source: str = "", simulation: bool = False,
-                 architectures: Mapping[str, tuple[str, int]] | None = None) -> None:
+                 architectures: Mapping[str, tuple[str, int]] | None = None,
+                 refine: Callable[[State, int], tuple[State, dict[str, Any]]] | None = None) -> None:
         self.experiment = experiment
+        self.refine = refine
         self.architectures = dict(architectures or {})
         self.backbone_source = backbone_source
         self.simulation = simulation
@@ -334,6 +340,8 @@ class FedRA(Strategy):
         state, info = self.method.aggregate(pending.state, list(deltas.values()), use, architectures)
         if info:
             self.last_record["aggregation"] = info
+        if self.refine is not None and is_finite_state(state):
+            state, self.last_record["distill"] = self.refine(state, pending.server_round)
         return state
 
     def _max_examples(self, node: NodeInfo) -> int:
