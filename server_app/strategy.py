@@ -341,7 +341,12 @@ class FedRA(Strategy):
         if info:
             self.last_record["aggregation"] = info
         if self.refine is not None and is_finite_state(state):
-            state, self.last_record["distill"] = self.refine(state, pending.server_round)
+            state, done = self.refine(state, pending.server_round)
+            self.last_record["distill"] = done
+            agreement = ", ".join(f"{name} {a['before']['agreement']:.2f}->{a['after']['agreement']:.2f}"
+                                  for name, a in done.get("architectures", {}).items())
+            log(INFO, "Round %d: distilled across architectures in %.1fs (agreement with their ensemble: %s)",
+                pending.server_round, done.get("seconds", 0.0), agreement)
         return state
 
     def _max_examples(self, node: NodeInfo) -> int:

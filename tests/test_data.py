@@ -399,3 +399,37 @@ def test_capped_folder_test_set_holds_every_class(tmp_path: Path) -> None:
     assert sorted(labels) == [0, 0, 1, 1, 2, 2, 3, 3]  # the first 8 items would be classes 0-2 only
     assert sets["a"].indices == test_sets(experiment, meta)[0]["a"].indices  # the same for every method
     assert all(d.test_shuffled for d in builtin_digits(image_size=12))  # its first N are random already
+
+
+def test_proxy_images_are_held_back_from_every_client() -> None:
+    """data.proxy_fraction: the server's unlabeled images are in no client's shard; 0 leaves the shards alone."""
+    from fedra_core.backbone import CacheMeta
+    from fedra_core.config import NodeSettings, experiment_from_dict
+    from fedra_core.datasets import client_data, proxy_sets
+
+    meta = CacheMeta("vit", {}, 2, 12, (0.5,) * 3, (0.5,) * 3)
+
+    def shards(values: dict) -> tuple[list[set[int]], dict]:
+        experiment = experiment_from_dict({"data": {"dataset": "builtin-digits", **values},
+                                           "clients": {"capacities": [2] * 12}})
+        nodes = [NodeSettings(p, 12, 2, None, Path("/unused"), "cpu") for p in range(12)]
+        return [set(client_data(experiment, n, meta).train.indices) for n in nodes], proxy_sets(experiment, meta)
+
+    for partitioning in ("feature", "feature-label"):
+        settings = {"partitioning": partitioning, "clients_per_domain": 2}
+        plain, none = shards(settings)
+        held, proxy = shards({**settings, "proxy_fraction": 0.1})
+        assert all(len(p) == 0 for p in none.values())
+        for domain_index, (name, images) in enumerate(proxy.items()):
+            kept = set(images.indices)
+            train = images.dataset
+            assert abs(len(kept) - 0.1 * len(train)) <= 1
+            labels = [train[i][1] for i in images.indices]
+            assert len(set(labels)) == 10  # every class, in proportion
+            for shard in (2 * domain_index, 2 * domain_index + 1):
+                assert not kept & held[shard]  # no client trains on a proxy image
+                assert held[shard] == plain[shard] - kept  # and loses nothing else
+    from fedra_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.proxy_fraction.*in \[0, 0.5\]"):
+        experiment_from_dict({"data": {"proxy_fraction": 0.6}})

@@ -238,8 +238,10 @@ def test_simulation_tunes_three_architectures_together(family: dict[str, Path], 
 
     root = Path(__file__).resolve().parent.parent
     values = _experiment(family).to_dict()
-    values.update({"name": "hetero-tiny", "data": {"dataset": "builtin-digits", "max_test_per_domain": 30},
+    values.update({"name": "hetero-tiny", "data": {"dataset": "builtin-digits", "max_test_per_domain": 30,
+                                                   "proxy_fraction": 0.05},
                    "training": {**values["training"], "rounds": 2, "optimizer": "adamw", "lr": 0.003}})
+    values["strategy"].update(distill_steps=2, distill_batch_size=8)  # the server's distillation step, end to end
     path = tmp_path / "hetero.yaml"
     path.write_text(yaml.safe_dump(values))
     command = [sys.executable, str(root / "deploy" / "simulate.py"), "--flwr-home", str(tmp_path / "flwr-home"),
@@ -257,6 +259,8 @@ def test_simulation_tunes_three_architectures_together(family: dict[str, Path], 
     assert [c["architecture"] for c in trained["clients"]] == ["s", "s", "m", "m", "l", "l"]
     assert all(c["status"] == "ok" for c in trained["clients"])
     assert trained["aggregation"]["cmga"]["tensors"] > 0
+    distilled = trained["distill"]
+    assert distilled["steps"] == 2 and distilled["proxy_images"] > 0 and set(distilled["architectures"]) == set(ARCHS)
     sent = {c["architecture"]: c["bytes_sent"] for c in trained["clients"]}
     assert sent["s"] < sent["m"] < sent["l"]  # wider backbones and more blocks held: more bytes
     table = (run / "results.md").read_text()
@@ -323,3 +327,74 @@ def test_preflight_names_a_capacity_beyond_its_own_architecture(family: dict[str
     values["backbone"]["adapter"]["slots"] = 5
     with pytest.raises(PreflightError, match="slots = 5 exceeds"):
         check_experiment(experiment_from_dict(values))
+
+
+def _distiller(family: dict[str, Path], teacher: str = "mean"):  # noqa: ANN202
+    from torch.utils.data import TensorDataset
+
+    from fedra_core.crossdistill import CrossDistiller
+
+    values = _experiment(family).to_dict()
+    values["data"]["proxy_fraction"] = 0.1
+    values["strategy"].update(distill_steps=15, distill_batch_size=8, distill_lr=0.01, distill_teacher=teacher)
+    experiment = experiment_from_dict(values)
+    method = method_for(experiment)
+    models = {a: GlobalModel(family[a], NUM_CLASSES, method, architecture=a) for a in family}
+    images = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    proxy = {a: TensorDataset(images, torch.zeros(24, dtype=torch.long)) for a in family}
+    state = {}
+    for model in models.values():
+        state.update(model.initial_state())
+    generator = torch.Generator().manual_seed(6)
+    for key in state:  # heads and up-projections away from their start, so the architectures disagree
+        if SEPARATOR in key:
+            state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=generator)
+    depths = {a: d for a, (_, d, _) in ARCHS.items()}
+    return CrossDistiller(models, method, depths, proxy, experiment.strategy, experiment.seed, 16), state
+
+
+def test_cross_distillation_moves_only_private_tensors_towards_the_ensemble(family: dict[str, Path]) -> None:
+    distill, state = _distiller(family)
+    before = {k: v.clone() for k, v in state.items()}
+
+    new_state, info = distill(state, 3)
+
+    assert all(torch.equal(state[k], before[k]) for k in state)  # the input is not changed
+    assert set(new_state) == set(state)
+    shared = [k for k in state if SEPARATOR not in k]
+    assert shared and all(torch.equal(new_state[k], state[k]) for k in shared)
+    for arch in family:
+        private = [k for k in state if k.startswith(arch + SEPARATOR)]
+        assert any(not torch.equal(new_state[k], state[k]) for k in private), arch
+        moved = info["architectures"][arch]
+        assert moved["after"]["kl"] < moved["before"]["kl"], (arch, moved)
+    assert info["steps"] == 15 and info["proxy_images"] == 24 and info["teacher"] == "mean"
+    again, _ = distill(state, 3)  # the same round draws the same batches: a resumed run repeats it
+    assert all(torch.equal(again[k], new_state[k]) for k in state)
+    other, _ = distill(state, 4)
+    assert any(not torch.equal(other[k], new_state[k]) for k in state)
+
+
+def test_the_confidence_teacher_follows_the_surer_architecture(family: dict[str, Path]) -> None:
+    distill, _ = _distiller(family, teacher="confidence")
+    sure = torch.tensor([[8.0, 0.0, 0.0, 0.0, 0.0]])  # ~0.99 on class 0
+    unsure = torch.tensor([[0.0, 0.3, 0.0, 0.0, 0.0]])  # ~0.24 on class 1
+    target = distill.teacher({"s": unsure, "m": unsure, "l": sure})
+    assert target.argmax().item() == 0  # two unsure votes lose to one sure one
+    distill.settings = _experiment(family).strategy  # mean: the two unsure votes dominate the soft target
+    assert distill.teacher({"s": unsure, "m": unsure, "l": sure})[0, 1] > target[0, 1]
+
+
+def test_distillation_settings_are_checked(family: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match=r"data.proxy_fraction.*> 0 with strategy.distill_steps"):
+        _experiment(family, distill_steps=5)
+    with pytest.raises(ConfigError, match=r"strategy.distill_steps.*0 for strategy.method 'fedra'"):
+        experiment_from_dict({"strategy": {"distill_steps": 5}})
+    with pytest.raises(ConfigError, match=r"strategy.distill_teacher.*one of"):
+        experiment_from_dict({"strategy": {"distill_teacher": "max"}})
+    from fedra_core.crossdistill import CrossDistiller
+
+    method = method_for(_experiment(family))
+    with pytest.raises(ValueError, match="same images for every architecture"):
+        CrossDistiller({"s": None, "l": None}, method, {"s": 4, "l": 6},  # type: ignore[dict-item]
+                       {"s": [0] * 3, "l": [0] * 4}, _experiment(family).strategy, 0)  # type: ignore[dict-item]
