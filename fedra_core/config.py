@@ -221,6 +221,8 @@ class StrategyConfig:
     surrogates_rank: int = 8  # width of each block's low-rank surrogate
     surrogates_every: int = 5  # redistill: re-distilled after every this many rounds
     surrogates_proxy: str | None = None  # a folder of unlabeled proxy images; null: synthetic shapes
+    surrogates_images: int = 2048  # proxy images per distillation epoch (each build and re-distillation)
+    surrogates_epochs: int = 4
 
     def __post_init__(self) -> None:
         _require(self.method in method_names(), "strategy.method", self.method, f"one of {method_names()}")
@@ -240,6 +242,10 @@ class StrategyConfig:
         _require(self.distill_teacher in DISTILL_TEACHERS, "strategy.distill_teacher", self.distill_teacher,
                  f"one of {DISTILL_TEACHERS}")
         _require(self.surrogates_rank >= 1, "strategy.surrogates_rank", self.surrogates_rank, "an integer >= 1")
+        _require(self.surrogates_images >= 1, "strategy.surrogates_images", self.surrogates_images,
+                 "an integer >= 1")
+        _require(self.surrogates_epochs >= 1, "strategy.surrogates_epochs", self.surrogates_epochs,
+                 "an integer >= 1")
         _require(self.surrogates_every >= 1, "strategy.surrogates_every", self.surrogates_every, "an integer >= 1")
         _require(self.depthfl_exit_every >= 1, "strategy.depthfl_exit_every", self.depthfl_exit_every,
                  "an integer >= 1")

@@ -439,7 +439,8 @@ def ensure_surrogates(cache_dir: Path, recipe: Recipe, device: str | torch.devic
 
 def recipe_of(strategy: Any) -> Recipe:
     """The recipe an experiment's ``strategy.surrogates_*`` settings ask for."""
-    return Recipe(rank=strategy.surrogates_rank, proxy=strategy.surrogates_proxy or "shapes")
+    return Recipe(rank=strategy.surrogates_rank, images=strategy.surrogates_images, epochs=strategy.surrogates_epochs,
+                  proxy=strategy.surrogates_proxy or "shapes")
 
 
 def _device(experiment: Any) -> str:
@@ -543,11 +544,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     build = sub.add_parser("build", help="write <cache>/surrogates.safetensors (kept when current)")
     build.add_argument("cache", type=Path)
     build.add_argument("--rank", type=int, default=Recipe.rank)
+    build.add_argument("--images", type=int, default=Recipe.images, help="proxy images per epoch "
+                       "(strategy.surrogates_images: give the same value, or the run rebuilds them)")
+    build.add_argument("--epochs", type=int, default=Recipe.epochs, help="strategy.surrogates_epochs")
     build.add_argument("--proxy-images", type=Path, help="a folder of unlabeled images (default: synthetic shapes)")
     build.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    recipe = Recipe(rank=args.rank, proxy=str(args.proxy_images.resolve()) if args.proxy_images else "shapes")
+    try:
+        recipe = Recipe(rank=args.rank, images=args.images, epochs=args.epochs,
+                        proxy=str(args.proxy_images.resolve()) if args.proxy_images else "shapes")
+    except ValueError as err:
+        parser.error(str(err))
     info = ensure_surrogates(args.cache, recipe, args.device)
     print(f"{args.cache / SURROGATES_FILE}: {info['source']}, relative errors {info['relative_errors']}")
 

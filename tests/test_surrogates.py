@@ -170,6 +170,8 @@ def test_surrogates_are_no_trainable_state_and_get_no_gradient(fitted_cache: Pat
                                                   "strategy.method 'first'"),
     ({"surrogates": "frozen", "surrogates_rank": 0}, "strategy.surrogates_rank: 0 is not valid"),
     ({"surrogates": "redistill", "surrogates_every": 0}, "strategy.surrogates_every: 0 is not valid"),
+    ({"surrogates": "frozen", "surrogates_images": 0}, "strategy.surrogates_images: 0 is not valid"),
+    ({"surrogates": "frozen", "surrogates_epochs": 0}, "strategy.surrogates_epochs: 0 is not valid"),
 ])
 def test_bad_settings_are_clear_config_errors(strategy: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -263,7 +265,8 @@ def _simulate(tmp_path: Path, cache: Path, mode: str) -> Path:
               "backbone": {"cache": str(cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
               "data": {"dataset": "builtin-digits", "max_test_per_domain": 40},
               "clients": {"capacities": [2, 2, 2, 2, 2, 2]},
-              "strategy": {"method": "fedra", "surrogates": mode, "surrogates_every": 1},
+              "strategy": {"method": "fedra", "surrogates": mode, "surrogates_every": 1,
+                           "surrogates_images": 256, "surrogates_epochs": 2},  # the machinery, quickly
               "training": {"rounds": 2, "local_steps": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.003}}
     experiment = tmp_path / f"{mode}.yaml"
     experiment.write_text(yaml.safe_dump(values))
@@ -280,6 +283,15 @@ def runs(tiny_vit_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     tmp_path = tmp_path_factory.mktemp("sim-surrogates")
     cache = _copy(tiny_vit_cache, tmp_path)
     return {mode: _simulate(tmp_path, cache, mode) for mode in ("frozen", "redistill")}
+
+
+def test_the_recipe_follows_the_strategy() -> None:
+    from fedra_core.surrogates import recipe_of
+
+    strategy = experiment_from_dict({"strategy": {"surrogates": "frozen", "surrogates_images": 300,
+                                                  "surrogates_epochs": 2, "surrogates_rank": 4}}).strategy
+    assert recipe_of(strategy) == Recipe(rank=4, images=300, epochs=2)
+    assert recipe_of(experiment_from_dict({}).strategy) == Recipe()  # the defaults are the recipe's
 
 
 def _records(run_dir: Path) -> list[dict]:
