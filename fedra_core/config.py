@@ -15,7 +15,7 @@ from fedra_core.methods import method_class, method_names, surrogate_methods
 DATASETS = ("builtin-digits", "folder", "domainnet", "nicopp")
 PARTITIONINGS = ("feature", "feature-label")
 WEIGHTINGS = ("uniform", "num-examples")
-DISTILL_TEACHERS = ("mean", "confidence")
+DISTILL_TEACHERS = ("mean", "capacity", "confidence")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 EVALUATION_MODES = ("server", "clients", "both")
@@ -214,7 +214,9 @@ class StrategyConfig:
     distill_batch_size: int = 64
     distill_lr: float = 1.0e-3
     distill_temperature: float = 2.0
-    distill_teacher: str = "mean"  # mean: the architectures' mean probabilities; confidence: weighted by each one's
+    # mean: the architectures' mean probabilities; capacity: weighted by each one's width x depth;
+    # confidence: weighted per image by each one's top probability
+    distill_teacher: str = "mean"
     # block surrogates (fedra_core.surrogates), fedra and fedra-cover only: null (none), frozen (distilled
     # once from the backbone) or redistill (the server re-distills them from the current global blocks)
     surrogates: str | None = None

@@ -9,9 +9,11 @@ a set of unlabeled images that no client trains on (``data.proxy_fraction`` of e
 domain's training split, its labels never read):
 
 1. every architecture's global model predicts the proxy images (``p_a = softmax(z_a / T)``);
-2. the teacher is the architectures' mean prediction (``distill_teacher: mean``), or
-   their mean weighted per image by each one's confidence (``confidence``: its top
-   probability at temperature 1);
+2. the teacher is the architectures' mean prediction (``distill_teacher: mean``), their
+   mean weighted by each one's capacity (``capacity``: the width times the depth of its
+   backbone, so a larger model, which generalizes better, counts more and keeps more of
+   its own view), or weighted per image by each one's confidence (``confidence``: its
+   top probability at temperature 1);
 3. each architecture's private tensors (adapter projections, mixing weights, heads) take
    ``distill_steps`` AdamW steps on ``T^2 KL(teacher || student)`` over random batches
    of the proxy; the shared experts stay as the clients' average left them.
@@ -58,12 +60,15 @@ class CrossDistiller:
         and ``distill_teacher``.
     seed : int
         The run's seed (with the round, it draws the batches).
+    capacities : Mapping[str, float], optional
+        Every architecture's capacity (``distill_teacher: capacity``): width times depth.
     batch_size : int
         Batch size of the prediction passes over the proxy.
     """
 
     def __init__(self, models: Mapping[str, "GlobalModel"], method: "Method", depths: Mapping[str, int],
-                 proxy: Mapping[str, Dataset], settings: StrategyConfig, seed: int, batch_size: int = 512) -> None:
+                 proxy: Mapping[str, Dataset], settings: StrategyConfig, seed: int, batch_size: int = 512,
+                 capacities: Mapping[str, float] | None = None) -> None:
         if len(models) < 2:
             raise ValueError("cross-architecture distillation needs two architectures or more")
         sizes = {name: len(proxy[name]) for name in models}
@@ -73,6 +78,11 @@ class CrossDistiller:
         self.proxy, self.settings = dict(proxy), settings
         self.seed, self.batch_size = seed, batch_size
         self.size = next(iter(sizes.values()))
+        if settings.distill_teacher == "capacity":
+            if capacities is None or set(capacities) != set(models) or min(capacities.values()) <= 0:
+                raise ValueError(f"distill_teacher 'capacity' needs a positive capacity per architecture, "
+                                 f"got {capacities}")
+        self.capacities = dict(capacities or {})
 
     def _own(self, state: Mapping[str, torch.Tensor], name: str) -> State:
         depth = self.depths[name]
@@ -92,6 +102,9 @@ class CrossDistiller:
         probs = torch.stack([F.softmax(z / temperature, dim=-1) for z in logits.values()])  # (A, N, C)
         if self.settings.distill_teacher == "mean":
             return probs.mean(dim=0)
+        if self.settings.distill_teacher == "capacity":
+            weights = torch.tensor([float(self.capacities[name]) for name in logits])
+            return (probs * (weights / weights.sum()).view(-1, 1, 1)).sum(dim=0)
         confidence = torch.stack([F.softmax(z, dim=-1).amax(dim=-1) for z in logits.values()])  # (A, N)
         weights = confidence / confidence.sum(dim=0, keepdim=True)
         return (probs * weights.unsqueeze(-1)).sum(dim=0)

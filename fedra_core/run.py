@@ -197,7 +197,9 @@ class ServerRun:
             proxy[name] = ConcatDataset(list(by_input[key].values()))
         try:
             return CrossDistiller(self.models, self.method, {n: m.num_layers for n, m in self.metas.items()},
-                                  proxy, experiment.strategy, experiment.seed, experiment.training.eval_batch_size)
+                                  proxy, experiment.strategy, experiment.seed, experiment.training.eval_batch_size,
+                                  capacities={n: float(self.models[n].model.num_features) * m.num_layers
+                                              for n, m in self.metas.items()})
         except ValueError as err:
             raise ConfigError(f"strategy.distill_steps: {err}") from err
 

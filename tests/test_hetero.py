@@ -241,7 +241,7 @@ def test_simulation_tunes_three_architectures_together(family: dict[str, Path], 
     values.update({"name": "hetero-tiny", "data": {"dataset": "builtin-digits", "max_test_per_domain": 30,
                                                    "proxy_fraction": 0.05},
                    "training": {**values["training"], "rounds": 2, "optimizer": "adamw", "lr": 0.003}})
-    values["strategy"].update(distill_steps=2, distill_batch_size=8)  # the server's distillation step, end to end
+    values["strategy"].update(distill_steps=2, distill_batch_size=8, distill_teacher="capacity")  # end to end
     path = tmp_path / "hetero.yaml"
     path.write_text(yaml.safe_dump(values))
     command = [sys.executable, str(root / "deploy" / "simulate.py"), "--flwr-home", str(tmp_path / "flwr-home"),
@@ -350,7 +350,9 @@ def _distiller(family: dict[str, Path], teacher: str = "mean"):  # noqa: ANN202
         if SEPARATOR in key:
             state[key] = state[key] + 0.5 * torch.randn(state[key].shape, generator=generator)
     depths = {a: d for a, (_, d, _) in ARCHS.items()}
-    return CrossDistiller(models, method, depths, proxy, experiment.strategy, experiment.seed, 16), state
+    capacities = {a: float(w * d) for a, (w, d, _) in ARCHS.items()}
+    return CrossDistiller(models, method, depths, proxy, experiment.strategy, experiment.seed, 16,
+                          capacities=capacities), state
 
 
 def test_cross_distillation_moves_only_private_tensors_towards_the_ensemble(family: dict[str, Path]) -> None:
@@ -398,3 +400,15 @@ def test_distillation_settings_are_checked(family: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="same images for every architecture"):
         CrossDistiller({"s": None, "l": None}, method, {"s": 4, "l": 6},  # type: ignore[dict-item]
                        {"s": [0] * 3, "l": [0] * 4}, _experiment(family).strategy, 0)  # type: ignore[dict-item]
+
+
+def test_the_capacity_teacher_weighs_architectures_by_width_times_depth(family: dict[str, Path]) -> None:
+    distill, _ = _distiller(family, teacher="capacity")
+    assert distill.capacities == {"s": 16 * 4, "m": 32 * 6, "l": 48 * 6}  # the family's width x depth
+    votes = {a: torch.nn.functional.one_hot(torch.tensor([i]), NUM_CLASSES).float() * 50 for i, a in enumerate(ARCHS)}
+    target = distill.teacher(votes)[0]  # each architecture sure of another class
+    assert torch.allclose(target[:3], torch.tensor([64.0, 192.0, 288.0]) / 544, atol=1e-4)
+    from fedra_core.crossdistill import CrossDistiller
+
+    with pytest.raises(ValueError, match="positive capacity per architecture"):
+        CrossDistiller(distill.models, distill.method, distill.depths, distill.proxy, distill.settings, 0)
