@@ -216,7 +216,7 @@ class StrategyConfig:
     distill_temperature: float = 2.0
     # mean: the architectures' mean probabilities; capacity: weighted by each one's width x depth;
     # confidence: weighted per image by each one's top probability
-    distill_teacher: str = "mean"
+    distill_teacher: str = "capacity"
     # block surrogates (fedra_core.surrogates), fedra and fedra-cover only: null (none), frozen (distilled
     # once from the backbone) or redistill (the server re-distills them from the current global blocks)
     surrogates: str | None = None

@@ -9,11 +9,11 @@ a set of unlabeled images that no client trains on (``data.proxy_fraction`` of e
 domain's training split, its labels never read):
 
 1. every architecture's global model predicts the proxy images (``p_a = softmax(z_a / T)``);
-2. the teacher is the architectures' mean prediction (``distill_teacher: mean``), their
-   mean weighted by each one's capacity (``capacity``: the width times the depth of its
+2. the teacher is the architectures' predictions weighted by each one's capacity
+   (``distill_teacher: capacity``, the default: the width times the depth of its
    backbone, so a larger model, which generalizes better, counts more and keeps more of
-   its own view), or weighted per image by each one's confidence (``confidence``: its
-   top probability at temperature 1);
+   its own view), their plain mean (``mean``), or their mean weighted per image by each
+   one's confidence (``confidence``: its top probability at temperature 1);
 3. each architecture's private tensors (adapter projections, mixing weights, heads) take
    ``distill_steps`` AdamW steps on ``T^2 KL(teacher || student)`` over random batches
    of the proxy; the shared experts stay as the clients' average left them.
