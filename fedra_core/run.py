@@ -3,7 +3,7 @@
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +139,9 @@ class ServerRun:
         self.prepared = self._prepare_method()  # e.g. FedRA's block surrogates, distilled once per cache
         self.test_sets_of: dict[str | None, dict[str, Any]] = {}
         if experiment.evaluation.on_server:
-            by_input: dict[tuple, dict[str, Any]] = {}  # architectures that read images alike share test sets
-            for name, meta in self.metas.items():
-                key = (meta.image_size, meta.mean, meta.std)
-                if key not in by_input:
-                    by_input[key], self.num_classes = test_sets(experiment, meta)
-                self.test_sets_of[name] = by_input[key]
+            loaded = self._per_input(lambda meta: test_sets(experiment, meta))  # (sets, number of classes)
+            self.test_sets_of = {name: sets for name, (sets, _) in loaded.items()}
+            self.num_classes = next(iter(loaded.values()))[1]
         else:  # the nodes evaluate on their own data: the server needs none
             self.test_sets_of, self.num_classes = {name: {} for name in self.metas}, require_num_classes(experiment)
         self.test_sets = next(iter(self.test_sets_of.values()))
@@ -183,18 +180,22 @@ class ServerRun:
         self.output.truncate_rounds(checkpoint.round)
         logger.info("resuming %s after round %d", self.output.dir, checkpoint.round)
 
+    def _per_input(self, load: Callable[[CacheMeta], Any]) -> dict[str | None, Any]:
+        """``load(meta)`` for every architecture, once per way of reading images (size, mean, std)."""
+        by_input: dict[tuple, Any] = {}
+        for meta in self.metas.values():
+            key = (meta.image_size, tuple(meta.mean), tuple(meta.std))
+            if key not in by_input:
+                by_input[key] = load(meta)
+        return {name: by_input[(m.image_size, tuple(m.mean), tuple(m.std))] for name, m in self.metas.items()}
+
     def _distiller(self) -> CrossDistiller | None:
         """The server's distillation step between architectures when ``strategy.distill_steps`` asks for one."""
         experiment = self.experiment
         if not (self.method.cross_distill and experiment.strategy.distill_steps > 0):
             return None
-        by_input: dict[tuple, dict[str, Any]] = {}
-        proxy = {}
-        for name, meta in self.metas.items():
-            key = (meta.image_size, meta.mean, meta.std)
-            if key not in by_input:
-                by_input[key] = proxy_sets(experiment, meta)
-            proxy[name] = ConcatDataset(list(by_input[key].values()))
+        proxy = {name: ConcatDataset(list(sets.values()))
+                 for name, sets in self._per_input(lambda meta: proxy_sets(experiment, meta)).items()}
         try:
             return CrossDistiller(self.models, self.method, {n: m.num_layers for n, m in self.metas.items()},
                                   proxy, experiment.strategy, experiment.seed, experiment.training.eval_batch_size,
