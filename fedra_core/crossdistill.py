@@ -60,10 +60,10 @@ class CrossDistiller:
         and ``distill_teacher``.
     seed : int
         The run's seed (with the round, it draws the batches).
-    capacities : Mapping[str, float], optional
-        Every architecture's capacity (``distill_teacher: capacity``): width times depth.
     batch_size : int
         Batch size of the prediction passes over the proxy.
+    capacities : Mapping[str, float], optional
+        Every architecture's capacity (``distill_teacher: capacity``): width times depth.
     """
 
     def __init__(self, models: Mapping[str, "GlobalModel"], method: "Method", depths: Mapping[str, int],
