@@ -9,6 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedra_core.backbone import import_timm, write_cache  # noqa: E402
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread per pytest-xdist worker: two workers with a thread per core each would oversubscribe."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 6, "num_heads": 2, "mlp_ratio": 2.0}
 
 

@@ -177,7 +177,7 @@ def _probe_ports(pids: dict[str, int], workdir: Path, outsider: Path, answers: d
         local_cluster.write_connection(outsider, f"127.0.0.1:{public}", ca, name="public")
         answers["flwr-ls"] = subprocess.run([*local_cluster.FLWR, "ls", "public", "--format", "json"],
                                             env=local_cluster.tool_env(outsider), capture_output=True, text=True,
-                                            timeout=120).stdout
+                                            timeout=900).stdout  # a guard against a hang, not a time limit
     except BaseException as err:  # noqa: BLE001 - the test that reads ``answers`` raises it
         answers["error"] = err
 
