@@ -91,7 +91,7 @@ class Method:
     heterogeneous: ClassVar[bool] = False  # clients run different backbones (backbone.architectures)
     memory_prefix: ClassVar[str] = ""  # checkpoint prefix of ``memory``; empty: the method keeps none
     surrogates_allowed: ClassVar[bool] = False  # ``strategy.surrogates`` may be set (fedra_core.surrogates)
-    cross_distill: ClassVar[bool] = False  # ``strategy.distill_steps`` may be set (fedra_core.crossdistill)
+    cross_distill: ClassVar[bool] = False  # ``strategy.distill_steps`` takes effect (fedra_core.crossdistill)
 
     def __init__(self, experiment: "Experiment") -> None:
         self.experiment = experiment
