@@ -21,14 +21,9 @@ from fedra_core.wire import PACKED, PACKED_STYPE, WireError, is_packed, pack, un
 app = ClientApp()
 
 
-def _packed(record: ArrayRecord) -> bool:
-    """Whether the record carries its arrays packed into one (as a deployed server sends them)."""
-    return is_packed(list(record.keys()), record[PACKED].stype if PACKED in record else None)
-
-
 def _raw(record: ArrayRecord) -> RawArrays:
     """An ArrayRecord, packed or not, as (dtype, shape, ``.npy`` bytes) per name: nothing decoded yet."""
-    if not _packed(record):
+    if not is_packed(record):
         return {name: (array.dtype, tuple(array.shape), array.data) for name, array in record.items()}
     try:
         items = unpack_numpy(record[PACKED].data)
@@ -92,7 +87,7 @@ def train(message: Message, context: Context) -> Message:
     delta, metrics = _run("train", message, context)
     metrics["total-seconds"] = time.perf_counter() - start
     metrics.update(arrival)
-    wire = _reply_record(delta, _packed(message.content["arrays"]))
+    wire = _reply_record(delta, is_packed(message.content["arrays"]))
     return Message(RecordDict({"arrays": wire, "metrics": MetricRecord(metrics)}), reply_to=message)
 
 

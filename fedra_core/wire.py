@@ -7,7 +7,7 @@ floating-point tensors, so on receipt a ``uint16`` array always means bfloat16.
 
 from collections.abc import Mapping, Sequence
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -120,9 +120,9 @@ def pack(items: Sequence[PackedItem]) -> bytes:
     return b"".join([struct.pack("<Q", len(header)), header, *(data for *_, data in items)])
 
 
-def is_packed(names: Sequence[str], stype: str | None) -> bool:
-    """Whether a record with these array names (and its first array's stype) is a packed one."""
-    return list(names) == [PACKED] and stype == PACKED_STYPE
+def is_packed(record: Mapping[str, Any]) -> bool:
+    """Whether a record of arrays (name -> object with ``stype``) holds one packed array and nothing else."""
+    return list(record.keys()) == [PACKED] and getattr(record[PACKED], "stype", None) == PACKED_STYPE
 
 
 def unpack_numpy(blob: bytes) -> list[PackedItem]:

@@ -97,7 +97,7 @@ def read_capacity(reply: Message, num_clients: int) -> Capacity:
 
 def unpacked(record: ArrayRecord) -> dict[str, Array]:
     """The arrays of a record, packed (``fedra_core.wire.pack``) or not; ``InvalidReply`` when unreadable."""
-    if not is_packed(list(record.keys()), record[PACKED].stype if PACKED in record else None):
+    if not is_packed(record):
         return dict(record.items())
     try:
         items = unpack_numpy(record[PACKED].data)

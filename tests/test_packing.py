@@ -13,10 +13,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from client_app.app import _packed, _raw, _reply_record
+from client_app.app import _raw, _reply_record
 from fedra_core.aggregation import InvalidReply
 from fedra_core.config import TaskRefused
-from fedra_core.wire import PACKED, PACKED_STYPE, WireError, encode, pack, unpack
+from fedra_core.wire import PACKED, PACKED_STYPE, WireError, encode, is_packed, pack, unpack
 from server_app.grid import PromptGrid, packed_record
 from server_app.replies import read_arrays
 
@@ -42,7 +42,7 @@ def _blob(header: object, payload: bytes = b"") -> bytes:
 def test_a_packed_task_reads_as_the_unpacked_one() -> None:
     record = _record(STATE)
     packed = packed_record(record)
-    assert list(packed.keys()) == [PACKED] and _packed(packed) and not _packed(record)
+    assert list(packed.keys()) == [PACKED] and is_packed(packed) and not is_packed(record)
     assert _raw(packed) == _raw(record)
     assert packed_record(packed) is packed  # never packed twice
 
