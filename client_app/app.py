@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client_app import worker
+from client_app.forkserver import FORKED_ENV
 from fedra_core.task import RawArrays, TaskRefused, run_evaluate, run_query, run_train
 from fedra_core.wire import PACKED, PACKED_STYPE, WireError, is_packed, pack, unpack_numpy
 
@@ -60,10 +61,12 @@ def _run(kind: str, message: Message, context: Context) -> Any:
 
 def _arrival(message: Message) -> dict[str, float]:
     """In a deployed ClientApp process: seconds from the message's creation (server clock) and
-    from this process's start to now, where the handler begins (``wait-seconds``, ``startup-seconds``)."""
+    from this process's start to now, where the handler begins (``wait-seconds``, ``startup-seconds``);
+    ``forked`` 1 when the process came from its SuperNode's fork server (``client_app.forkserver``)."""
     if Path(sys.argv[0]).name != "flwr-clientapp":
         return {}
-    out = {"wait-seconds": max(time.time() - message.metadata.created_at, 0.0)}
+    out = {"wait-seconds": max(time.time() - message.metadata.created_at, 0.0),
+           "forked": float(os.environ.get(FORKED_ENV) == "1")}
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # starttime
         out["startup-seconds"] = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")

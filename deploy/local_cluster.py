@@ -246,16 +246,19 @@ def check_node_config(extra: str) -> dict[str, object]:
 
 
 def start_supernode(workdir: Path, name: str, superlink: int | str, config: str, env: dict[str, str],
-                    ca_cert: Path | None, private_key: Path | None, poll: float | None = None) -> subprocess.Popen:
+                    ca_cert: Path | None, private_key: Path | None, poll: float | None = None,
+                    fork_server: bool = True) -> subprocess.Popen:
     """``flower-supernode`` with its own free runtime port; no CA or key when given None.
 
     ``superlink`` is the Fleet API's address (the proxy's), or a port on 127.0.0.1. With
     ``poll`` the node is ``python -m client_app.supernode`` (Flower's SuperNode, its
-    polling waits capped at ``poll`` seconds); without, Flower's own command.
+    polling waits capped at ``poll`` seconds, its ClientApp processes forked from a warm
+    server unless not ``fork_server``); without, Flower's own command.
     """
     address = f"127.0.0.1:{superlink}" if isinstance(superlink, int) else superlink
     program = ["flower-supernode"] if poll is None else [
-        sys.executable, "-m", "client_app.supernode", "--poll-interval", str(poll)]
+        sys.executable, "-m", "client_app.supernode", "--poll-interval", str(poll),
+        "--fork-server" if fork_server else "--no-fork-server"]
     command = [*program, "--superlink", address, "--port", str(free_port()), "--node-config", config]
     if ca_cert is not None:
         command += ["--root-certificates", str(ca_cert)]
@@ -386,7 +389,8 @@ def start_cluster(workdir: Path, args: argparse.Namespace, nginx: str | None, en
         register(keys / f"{name}.pub", env)
         config_text = node_config(i, len(names), capacity, args.node_config)
         processes[name] = start_supernode(workdir, name, fleet, config_text, node_env(env, len(names)),
-                                          certs / "ca.crt", keys / name, poll=args.poll_interval or None)
+                                          certs / "ca.crt", keys / name, poll=args.poll_interval or None,
+                                          fork_server=args.fork_server)
         say(f"{name}: --node-config \"{config_text}\" (log {workdir / 'logs' / name}.log)")
     (workdir / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}, indent=1))
     return {name: processes[name] for name in names}
@@ -406,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=0.2,
                         help="SuperNodes' longest wait between polls, seconds (python -m client_app.supernode; "
                              "0: Flower's own flower-supernode, which waits 3 s when idle)")
+    parser.add_argument("--no-fork-server", dest="fork_server", action="store_false",
+                        help="every ClientApp a fresh process (default: forked from a server per node that has "
+                             "imported Flower; client_app/forkserver.py)")
     parser.add_argument("--no-proxy", dest="proxy", action="store_false",
                         help="no nginx: the SuperNodes connect to the SuperLink's own port (all its APIs)")
     args = parser.parse_args(argv)

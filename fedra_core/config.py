@@ -147,6 +147,9 @@ class DataConfig:
     num_classes: int | None = None  # DomainNet: keep the first N classes
     test_fraction: float = 0.2
     max_test_per_domain: int | None = None
+    # builtin-digits: every test digit drawn this many times per domain (its jitter and style drawn again),
+    # so a test set of N digits holds N x test_renderings images; 1 is the test set as it always was
+    test_renderings: int = 1
     # share of every domain's training images held back from the clients: the server's unlabeled proxy
     # set (HeteroTune's cross-architecture distillation); 0 keeps every image for the clients
     proxy_fraction: float = 0.0
@@ -161,6 +164,10 @@ class DataConfig:
         _require(self.min_samples >= 1, "data.min_samples", self.min_samples, ">= 1")
         _require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "in (0, 1)")
         _require(0 <= self.proxy_fraction <= 0.5, "data.proxy_fraction", self.proxy_fraction, "in [0, 0.5]")
+        _require(type(self.test_renderings) is int and 1 <= self.test_renderings <= 64, "data.test_renderings",
+                 self.test_renderings, "an integer in [1, 64]")
+        _require(self.test_renderings == 1 or self.dataset == "builtin-digits", "data.test_renderings",
+                 self.test_renderings, "1 for a dataset of image files (only builtin-digits renders its test digits)")
         _require(self.dataset == "builtin-digits" or self.root is not None, "data.root",
                  self.root, f"a folder path for dataset {self.dataset!r}")
         for domain in self.domains or ():

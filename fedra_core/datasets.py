@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from fedra_core.backbone import CacheMeta
 from fedra_core.config import DataConfig, Experiment, NodeSettings
@@ -135,8 +135,7 @@ def client_data(experiment: Experiment, node: NodeSettings, meta: CacheMeta) -> 
     loaded = _load(experiment, meta, node.data_root, names if needs_all else names[domain_index:domain_index + 1])
     domain = loaded[domain_index if needs_all else 0]
     indices = _shard_indices(experiment, domain, domain_index, node.partition_id % cpd)
-    cap = experiment.data.max_test_per_domain  # the same test items the server would evaluate on
-    test = capped_test_set(domain, cap, experiment.seed, domain_index) if cap else domain.test
+    test = domain_test_set(experiment, meta, domain, domain_index)  # the same items the server would evaluate on
     return ClientData(domain.name, Subset(domain.train, indices.tolist()), test, len(domain.classes))
 
 
@@ -145,9 +144,26 @@ def test_sets(experiment: Experiment, meta: CacheMeta, root: str | None = None
     """Every domain's test set (the server evaluates the global model on them)."""
     names = domain_names(experiment.data, root)
     domains = _load(experiment, meta, root or experiment.data.root, names)
-    cap = experiment.data.max_test_per_domain
-    sets = {d.name: capped_test_set(d, cap, experiment.seed, i) if cap else d.test for i, d in enumerate(domains)}
+    sets = {d.name: domain_test_set(experiment, meta, d, i) for i, d in enumerate(domains)}
     return sets, len(domains[0].classes)
+
+
+def domain_test_set(experiment: Experiment, meta: CacheMeta, domain: "DomainData", domain_index: int) -> Dataset:
+    """A domain's test set: capped (``data.max_test_per_domain``), then every image drawn again
+    ``data.test_renderings - 1`` more times (the built-in benchmark only), the same digits each time."""
+    cfg = experiment.data
+    test = capped_test_set(domain, cfg.max_test_per_domain, experiment.seed, domain_index) \
+        if cfg.max_test_per_domain else domain.test
+    if cfg.test_renderings == 1:
+        return test
+    from fedra_core.data.builtin import BUILTIN_DOMAINS, builtin_test_rendering
+
+    parts = [test]
+    for rendering in range(1, cfg.test_renderings):
+        drawn = builtin_test_rendering(meta.image_size, experiment.seed, cfg.test_fraction, rendering)
+        again = drawn[BUILTIN_DOMAINS.index(domain.name)]
+        parts.append(Subset(again, list(test.indices)) if isinstance(test, Subset) else again)
+    return ConcatDataset(parts)
 
 
 def capped_test_set(domain: "DomainData", cap: int, seed: int, domain_index: int) -> Dataset:

@@ -3,9 +3,9 @@
 Flower 1.41's deployment grid pushes a round's messages, then asks the SuperLink for
 replies every 3 seconds: a round ends on average 1.5 s (at worst 3 s) after its last
 reply arrived, in every exchange (capacity query, training, the nodes' evaluation).
-``PromptGrid`` wraps it and polls quickly at first, backing off to that interval on
-a long round, so a reply is collected within a fraction of a second of arriving without
-asking the SuperLink more than a few times per second.
+``PromptGrid`` wraps it and polls quickly at first, backing off to every 0.5 s on a long
+round, so a reply is collected within a fraction of a second of arriving without asking
+the SuperLink (beside the ServerApp) more than a few times per second.
 
 It also packs every message's arrays into one array (``fedra_core.wire.pack``): Flower
 sends each array of a record as its own object, one request each between a SuperNode
@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from fedra_core.wire import PACKED, PACKED_STYPE, pack
 
 FIRST_WAIT = 0.1  # seconds between the first pulls
-MAX_WAIT = 3.0  # Flower's own interval: the slowest this grid polls
+MAX_WAIT = 0.5  # the slowest this grid polls (Flower's own interval is 3 s)
 BACKOFF = 1.25
 
 

@@ -22,7 +22,7 @@ KNOWN_METRICS = {"train-loss": "train_loss", "train-accuracy": "train_accuracy",
                  "train-seconds": "train_seconds", "setup-seconds": "setup_seconds",
                  "total-seconds": "total_seconds", "images-per-second": "images_per_second",
                  "bytes-read": "bytes_read", "steps": "steps", "worker": "worker",
-                 "wait-seconds": "wait_seconds", "startup-seconds": "startup_seconds"}
+                 "wait-seconds": "wait_seconds", "startup-seconds": "startup_seconds", "forked": "forked"}
 MAX_EXAMPLES = 10**9  # more examples than any node holds: a declared size beyond is a lie
 MAX_TEXT = 256  # longest domain name or backbone source accepted from a node
 

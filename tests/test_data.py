@@ -433,3 +433,42 @@ def test_proxy_images_are_held_back_from_every_client() -> None:
 
     with pytest.raises(ConfigError, match=r"data.proxy_fraction.*in \[0, 0.5\]"):
         experiment_from_dict({"data": {"proxy_fraction": 0.6}})
+
+
+def test_test_renderings_draw_the_same_test_digits_again() -> None:
+    """data.test_renderings: N x the test images, the first rendering the test set as before, the same digits."""
+    from fedra_core.backbone import CacheMeta
+    from fedra_core.config import ConfigError, NodeSettings, experiment_from_dict
+    from fedra_core.datasets import client_data, test_sets
+
+    meta = CacheMeta("vit", {}, 2, 12, (0.5,) * 3, (0.5,) * 3)
+
+    def experiment(renderings: int, cap: int | None = 40):
+        return experiment_from_dict({"data": {"dataset": "builtin-digits", "domains": ["clean", "sketch"],
+                                              "max_test_per_domain": cap, "test_renderings": renderings},
+                                     "clients": {"capacities": [2, 2]}})
+
+    plain, _ = test_sets(experiment(1), meta)
+    three, _ = test_sets(experiment(3), meta)
+    for name in ("clean", "sketch"):
+        assert len(plain[name]) == 40 and len(three[name]) == 120
+        images = torch.stack([image for image, _ in three[name]]).view(3, 40, -1)
+        labels = [label for _, label in three[name]]
+        assert torch.equal(images[0], torch.stack([image for image, _ in plain[name]]).view(40, -1))  # as before
+        assert labels == [label for _, label in plain[name]] * 3  # the same digits, in the same order
+        assert not torch.equal(images[1], images[0]) and not torch.equal(images[2], images[1])  # drawn again
+    again, _ = test_sets(experiment(3), meta)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again["sketch"], three["sketch"]))  # the same on every call
+    node = NodeSettings(1, 12, 2, None, Path("/unused"), "cpu")
+    own = client_data(experiment(3), node, meta).test  # a node's own evaluation: the server's items
+    assert len(own) == 120 and all(torch.equal(a[0], b[0]) for a, b in zip(own, three["sketch"]))
+    uncapped, _ = test_sets(experiment(2, cap=None), meta)
+    whole = builtin_digits(image_size=12)[0].test
+    assert len(uncapped["clean"]) == 2 * len(whole)
+    test_digits = set(np.asarray(whole.source_indices).tolist())
+    train_digits = set(np.asarray(builtin_digits(image_size=12)[0].train.source_indices).tolist())
+    assert not test_digits & train_digits
+    with pytest.raises(ConfigError, match="data.test_renderings"):
+        experiment(0)
+    with pytest.raises(ConfigError, match="data.test_renderings.*builtin-digits"):
+        experiment_from_dict({"data": {"dataset": "folder", "root": "/x", "test_renderings": 2}})

@@ -335,6 +335,35 @@ def builtin_digits(image_size: int = 24, seed: int = 0, test_fraction: float = 0
     return list(domains)
 
 
+@functools.lru_cache(maxsize=8)
+def _extra_renderings_cached(image_size: int, seed: int, test_fraction: float, rendering: int
+                             ) -> tuple[ImageTensorDataset, ...]:
+    domains = _builtin_digits_cached(image_size, seed, test_fraction)
+    digits, labels = _load_digits()
+    out = []
+    for index, domain in enumerate(domains):
+        order = np.asarray(domain.test.source_indices)
+        rng = np.random.default_rng([seed, index, rendering, 104729])  # apart from the domain's own stream
+        rgb = _STYLES[domain.name](_render_digits(digits[order], image_size, rng), rng)
+        out.append(ImageTensorDataset(_normalize(rgb), torch.from_numpy(labels[order]), DIGIT_CLASSES, order))
+    return tuple(out)
+
+
+def builtin_test_rendering(image_size: int, seed: int, test_fraction: float, rendering: int) -> list[Dataset]:
+    """Another rendering of every domain's test digits (``data.test_renderings``): the same digits in
+    the same order as ``builtin_digits``' test sets, drawn again with the domain's jitter and style.
+
+    ``rendering`` 0 is the test set itself; 1, 2, ... are new, each its own seeded draw,
+    the same for every method and machine. A digit never becomes a training digit: only
+    its image changes, so the evaluation stays on held-out digits."""
+    if rendering < 0:
+        raise ValueError(f"rendering must be >= 0, got {rendering}")
+    domains = builtin_digits(image_size, seed, test_fraction)
+    if rendering == 0:
+        return [d.test for d in domains]
+    return list(_extra_renderings_cached(int(image_size), int(seed), float(test_fraction), int(rendering)))
+
+
 def save_builtin_preview(domains: Sequence[DomainData], path: Path, samples_per_domain: int = 8) -> Path:
     """Save a PNG grid with the first training images of each domain, one row per domain.
 
