@@ -260,6 +260,8 @@ def test_deployed_rounds_use_the_worker_and_survive_its_death(deployed_run: Depl
     assert len(run.killed_workers) == 3
     served = [c["metrics"].get("worker", 0) for c in done[2]["clients"]]
     assert served == [1, 1, 1]  # round 2: every node's worker was warm
+    forked = [c["metrics"].get("forked") for c in done[2]["clients"]]
+    assert forked == [1, 1, 1]  # and every ClientApp process came from its node's fork server
     nodes = [pid for name, pid in run.pids.items() if name.startswith("node")]
     _wait(lambda: not _worker_pids(nodes), 60, "the workers to exit with their SuperNodes")
 
