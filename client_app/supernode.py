@@ -1,16 +1,20 @@
-"""``flower-supernode`` with short polling waits, for deployments where a round is seconds long.
+"""``flower-supernode`` with short polling waits and ClientApp processes forked from a warm
+server, for deployments where a round is seconds long.
 
 Flower 1.41's SuperNode waits 3 s between asks for new messages when it is idle and 0.5 s
 between looks for a finished reply; its SuperExec waits 1 s between asks for a task to
 launch. In a round of a few seconds these fixed waits add 1.5-4.5 s on average per message.
-This command runs Flower's own SuperNode unchanged except for those waits, capped at
-``--poll-interval`` seconds (default 0.2), and for the ``flwr-clientapp`` command its
-SuperExec starts for every message: Flower's imports the SuperNode's whole command-line
-package (its web server and database layers) before running the ClientApp, about 0.5 s
-of a 1.5 s start on a 2-core machine. The command found first on the SuperExec's PATH is
-a launcher written into this user's private folder that imports only the ClientApp's
-runtime (and Flower's own entry point if that ever fails). Every other argument goes to
-``flower-supernode`` as given:
+This command runs Flower's own SuperNode unchanged except for those waits (asks to the
+SuperLink capped at ``--poll-interval`` seconds, default 0.2; looks into its own state at
+0.02 s; its SuperExec's asks at 0.1 s), and for the ``flwr-clientapp`` command its
+SuperExec starts for every message. The command found first on the SuperExec's PATH,
+written into this user's private folder, hands the launch to this node's fork server
+(``client_app/forkserver.py``): a process that has imported Flower's ClientApp runtime
+once forks one that runs it, so a message no longer pays for starting Python and
+importing Flower (1.7 s on a 2-core machine). Until the server listens, or with
+``--no-fork-server``, it runs a lean launcher instead, which skips the SuperNode's own
+command-line package (its web server and database layers). Every other argument goes
+to ``flower-supernode`` as given:
 
     python -m client_app.supernode --poll-interval 0.2 --superlink HOST:9092 ...
 

@@ -255,6 +255,9 @@ class Worker:
                     threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
             finally:
                 self.path.unlink(missing_ok=True)
+                if not _alive(self.parent_pid):  # no ClientApp of that SuperNode will use these names again
+                    for leftover in (self.path.with_suffix(".lock"), self.path.with_suffix(".log")):
+                        leftover.unlink(missing_ok=True)
         logger.info("worker %d stopped", os.getpid())
 
     def _should_stop(self) -> bool:

@@ -135,6 +135,8 @@ def test_a_busy_worker_sends_tasks_back_and_one_killed_mid_task_raises(tmp_path:
 
 def test_the_worker_exits_when_its_supernode_is_gone_or_idle(tmp_path: Path) -> None:
     parent = subprocess.Popen(["sleep", "5"])
+    for name in ("o.lock", "o.log", "i.lock", "i.log"):  # what worker.start writes beside the socket
+        (tmp_path / name).touch()
     orphan, idle = _start(tmp_path / "o.sock", parent=parent.pid), _start(tmp_path / "i.sock", idle=1.0)
     try:
         parent.wait()
@@ -145,6 +147,8 @@ def test_the_worker_exits_when_its_supernode_is_gone_or_idle(tmp_path: Path) -> 
             if process.poll() is None:
                 process.kill()
     assert not (tmp_path / "i.sock").exists() and not (tmp_path / "o.sock").exists()
+    # The orphan's lock and log go with it (its SuperNode will start no other); the idle one's stay for the next.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.lock", "i.log"]
 
 
 def test_the_socket_folder_is_private() -> None:
