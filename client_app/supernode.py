@@ -48,6 +48,7 @@ DEFAULT_POLL = 0.2
 
 
 LOCAL_WAIT = 0.02  # the SuperNode's looks into its own state (a reply ready?): in memory, cheap
+NODE_PULL_WAIT = 0.05  # its first wait for a task's part the ServerApp has not pushed yet (Flower's: 1 s)
 
 
 class ShortWaits:
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     use_fast_clientapp(known.fork_server)
+    forkserver.prompt_pulls(initial=NODE_PULL_WAIT, cap=1.0)  # this node's pulls of a task's parts from the SuperLink
     from flwr.supernode.cli.flower_supernode import flower_supernode  # pylint: disable=import-outside-toplevel
 
     sys.argv = ["flower-supernode", *rest]

@@ -24,6 +24,7 @@ import argparse
 import collections
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -58,11 +59,37 @@ _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Too
 _FAILED_PREFIX = re.compile(r"^(?:ServerApp|Simulation|ClientApp) failed with exception: ")
 
 
+FIXED_PORTS = range(20000, 32768)  # below Linux's default ephemeral range (32768-60999)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port on 127.0.0.1 that nothing uses right now, below the ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` lies in the range it also gives to outgoing
+    connections: between this check and the server's own bind, any connection on the host
+    (the nodes' polls) may take it as its source port, and the server then fails with
+    "address already in use". A port below that range is never taken that way."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in random.sample(FIXED_PORTS, 200) if not low <= p <= high]
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # every candidate taken: the kernel's pick
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of source ports for outgoing connections (Linux's default where unreadable)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _pids_whose_cmdline(matches: Callable[[str], bool]) -> list[int]:

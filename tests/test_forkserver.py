@@ -179,15 +179,50 @@ def test_flowers_clientapp_runs_forked(tmp_path: Path) -> None:
         stop(server)
 
 
-def test_a_clientapp_asks_its_node_again_for_a_message_part_within_a_fraction_of_a_second() -> None:
-    """Flower's first wait for a part its node is still receiving is 1 s; in the launched ClientApps, 0.02 s."""
-    code = ("from flwr.supercore.inflatable import inflatable_utils as u; from client_app.forkserver import "
-            "prompt_pulls; before = dict(u.pull_and_inflate_object_from_tree.__kwdefaults__); prompt_pulls(); "
-            "after = u.pull_and_inflate_object_from_tree.__kwdefaults__; "
+def test_clientapps_and_nodes_ask_again_for_a_message_part_within_a_fraction_of_a_second() -> None:
+    """Flower's first wait for a missing part is 1 s; in the launched ClientApps 0.02 s, in the nodes 0.05 s."""
+    code = ("import sys; from flwr.supercore.inflatable import inflatable_utils as u; from client_app import "
+            "forkserver, supernode; before = dict(u.pull_and_inflate_object_from_tree.__kwdefaults__); "
+            "forkserver.prompt_pulls() if sys.argv[1] == 'clientapp' else "
+            "forkserver.prompt_pulls(initial=supernode.NODE_PULL_WAIT, cap=1.0); "
+            "after = u.pull_objects.__kwdefaults__; "
             "print(before['initial_backoff'], after['initial_backoff'], after['backoff_cap'], after['max_time'], "
-            "u.pull_objects.__kwdefaults__['initial_backoff'])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=TESTS.parent)
-    assert result.stdout.split() == ["1", "0.02", "0.2", "7200", "0.02"]
+            "u.pull_and_inflate_object_from_tree.__kwdefaults__['initial_backoff'])")
+    for kind, expected in (("clientapp", ["1", "0.02", "0.2", "7200", "0.02"]),
+                           ("node", ["1", "0.05", "1.0", "7200", "0.05"])):
+        result = subprocess.run([sys.executable, "-c", code, kind], capture_output=True, text=True, check=True,
+                                cwd=TESTS.parent)
+        assert result.stdout.split() == expected
     lean = supernode.lean_launcher()
     assert "def prompt_pulls" in lean and "prompt_pulls()" in lean  # the plain launcher waits as briefly
+
+
+def test_an_installed_fab_is_not_unpacked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forked ClientApp finds the FAB's folder from its bytes; a new FAB still goes through Flower's install."""
+    import flwr.cli.install as flower_install
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    app = tmp_path / "app"
+    (app / "pkg").mkdir(parents=True)
+    (app / "pkg" / "__init__.py").write_text("")
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "tiny"\nversion = "1.0.0"\n'
+        '[tool.flwr.app]\npublisher = "me"\n'
+        '[tool.flwr.app.components]\nserverapp = "pkg:s"\nclientapp = "pkg:c"\n')
+    fab = build_fab_from_disk(app)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(runtime, "install_from_fab", runtime.install_from_fab)  # restored after the test
+    forkserver.quick_fab_install()
+    installed = runtime.install_from_fab(fab, skip_prompt=True)  # not installed yet: Flower's own install
+    assert (installed / "pkg" / "__init__.py").is_file() and installed.parent == tmp_path / "home" / "apps"
+
+    def no_unpacking(*_: object, **__: object) -> None:
+        raise AssertionError("the FAB was unpacked again")
+
+    monkeypatch.setattr(flower_install, "safe_extract_zip", no_unpacking)
+    assert runtime.install_from_fab(fab, skip_prompt=True) == installed
+    (app / "pkg" / "more.py").write_text("x = 1\n")
+    with pytest.raises(AssertionError, match="unpacked again"):  # other bytes, other folder: Flower installs it
+        runtime.install_from_fab(build_fab_from_disk(app), skip_prompt=True)

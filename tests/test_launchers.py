@@ -4,6 +4,7 @@ The logs below are the ends of real ones (colour codes included) from Flower 1.4
 """
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -90,3 +91,13 @@ def test_what_a_killed_launcher_started_ends_with_it(tmp_path: Path) -> None:
     while running(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not running(child)
+
+
+def test_free_ports_lie_below_the_range_outgoing_connections_take() -> None:
+    """A port from bind(0) can be taken as an outgoing connection's source port before the server binds it
+    (a SuperNode once failed with "address already in use" that way); the launchers' ports cannot."""
+    low, high = simulate._ephemeral_range()
+    ports = [simulate.free_port() for _ in range(50)]
+    assert all(port in simulate.FIXED_PORTS and not low <= port <= high for port in ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # free when returned
