@@ -120,7 +120,8 @@ def test_without_a_server_the_launcher_runs_the_plain_clientapp(served: Fixture)
 
 
 def test_garbage_on_the_socket_is_refused_and_the_server_serves_on(served: Fixture) -> None:
-    for payload in (b"", b"\x00\x00\x00\x05{not json", b"\xff\xff\xff\xff"):
+    for payload in (b"", b"\x00\x00\x00\x05{not json", b"\xff\xff\xff\xff", b"\x00\x00\x00\x05[1,2]",
+                    b"\x00\x00\x00\x0d{\"argv\": \"x\"}"):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(str(served.socket_path))
             if payload:
