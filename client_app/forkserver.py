@@ -285,7 +285,14 @@ class Server:
             return
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:  # no process to be had now: the launcher runs the plain ClientApp
+            print(f"fork server: cannot fork ({err})", file=sys.stderr, flush=True)
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
         if pid == 0:
             self.selector.close()
             self.listener.close()
