@@ -20,7 +20,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedra_core.wire import PACKED, PACKED_STYPE, pack
+from fedra_core.wire import PACKED, PACKED_STYPE, is_packed, pack
 
 FIRST_WAIT = 0.1  # seconds between the first pulls
 MAX_WAIT = 0.5  # the slowest this grid polls (Flower's own interval is 3 s)
@@ -82,7 +82,7 @@ class PromptGrid(Grid):
 
 def packed_record(record: ArrayRecord) -> ArrayRecord:
     """``record``'s arrays packed into one array (a record already packed is returned as it is)."""
-    if list(record.keys()) == [PACKED]:
+    if is_packed(record):
         return record
     blob = pack([(k, a.dtype, tuple(a.shape), a.stype, a.data) for k, a in record.items()])
     return ArrayRecord({PACKED: Array(dtype="uint8", shape=(len(blob),), stype=PACKED_STYPE, data=blob)})

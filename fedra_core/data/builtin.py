@@ -358,9 +358,8 @@ def builtin_test_rendering(image_size: int, seed: int, test_fraction: float, ren
     its image changes, so the evaluation stays on held-out digits."""
     if rendering < 0:
         raise ValueError(f"rendering must be >= 0, got {rendering}")
-    domains = builtin_digits(image_size, seed, test_fraction)
     if rendering == 0:
-        return [d.test for d in domains]
+        return [d.test for d in builtin_digits(image_size, seed, test_fraction)]
     return list(_extra_renderings_cached(int(image_size), int(seed), float(test_fraction), int(rendering)))
 
 
