@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client_app import worker
 from client_app.forkserver import FORKED_ENV
-from fedra_core.task import RawArrays, TaskRefused, run_evaluate, run_query, run_train
+from fedra_core.task import RawArrays, TaskRefused, run_calibrate, run_evaluate, run_query, run_train
 from fedra_core.wire import PACKED, PACKED_STYPE, WireError, is_packed, pack, unpack_numpy
 
 app = ClientApp()
@@ -50,12 +50,14 @@ def _run(kind: str, message: Message, context: Context) -> Any:
     result = worker.call(kind, config, arrays, node_config)
     if result is not None:
         if kind != "query":
-            (result[1] if kind == "train" else result)["worker"] = 1  # served warm: seen in rounds.jsonl
+            (result[1] if kind in ("train", "calibrate") else result)["worker"] = 1  # served warm: seen in rounds.jsonl
         return result
     if kind == "query":
         return run_query(config, node_config)
     if kind == "train":
         return run_train(config, arrays, node_config)
+    if kind == "calibrate":
+        return run_calibrate(config, arrays, node_config)
     return run_evaluate(config, arrays, node_config)
 
 
@@ -99,3 +101,13 @@ def evaluate(message: Message, context: Context) -> Message:
     """Score the whole global model on this node's own test split (``evaluation.mode`` clients or both)."""
     metrics = _run("evaluate", message, context)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+@app.evaluate("calibrate")
+def calibrate(message: Message, context: Context) -> Message:
+    """Sums of the whole global model's features on this node's training images (``strategy.head_calibration``)."""
+    start = time.perf_counter()
+    stats, metrics = _run("calibrate", message, context)
+    metrics["total-seconds"] = time.perf_counter() - start
+    wire = _reply_record(stats, is_packed(message.content["arrays"]))
+    return Message(RecordDict({"arrays": wire, "metrics": MetricRecord(metrics)}), reply_to=message)

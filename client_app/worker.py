@@ -96,7 +96,7 @@ def _recv(sock: socket.socket) -> tuple[dict[str, Any], dict[str, tuple[str, tup
 def _encode_result(kind: str, result: Any) -> tuple[dict[str, Any], dict[str, tuple[str, Any, bytes]]]:
     import numpy as np
 
-    if kind == "train":
+    if kind in ("train", "calibrate"):  # arrays and metrics
         delta, metrics = result
         arrays = {}
         for name, array in delta.items():
@@ -112,7 +112,7 @@ def _encode_result(kind: str, result: Any) -> tuple[dict[str, Any], dict[str, tu
 def _decode_result(kind: str, header: Mapping[str, Any], arrays: Mapping[str, tuple[str, Any, bytes]]) -> Any:
     from fedra_core.task import decode_raw
 
-    if kind == "train":
+    if kind in ("train", "calibrate"):
         return decode_raw(arrays), dict(header["metrics"])
     if kind == "query":
         return dict(header["metrics"]), dict(header["node"])
@@ -304,6 +304,8 @@ def _run(kind: str, config: Mapping[str, Any], arrays: Mapping, node_config: Map
         return task.run_train(config, arrays, node_config)
     if kind == "evaluate":
         return task.run_evaluate(config, arrays, node_config)
+    if kind == "calibrate":
+        return task.run_calibrate(config, arrays, node_config)
     raise ValueError(f"unknown task kind {kind!r}")
 
 

@@ -89,6 +89,9 @@ def read_run(path: Path) -> Run:
         method = "hetero (CMGA off)"  # one method, two settings: told apart in the tables
     if strategy.get("surrogates"):
         method = f"{method} + surrogates ({strategy['surrogates']})"  # FedRA with block surrogates
+    if strategy.get("head_calibration"):
+        every = strategy.get("calibrate_every") or 0
+        method = f"{method} + {strategy['head_calibration']} head ({f'every {every}' if every else 'last round'})"
     layers = int(config.get("run", {}).get("num_layers") or 0)
     if not layers:
         layers = max((len(r["allocation"][0]) for r in records if r.get("allocation")), default=0)

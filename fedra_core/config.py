@@ -232,6 +232,17 @@ class StrategyConfig:
     surrogates_proxy: str | None = None  # a folder of unlabeled proxy images; null: synthetic shapes
     surrogates_images: int = 2048  # proxy images per distillation epoch (each build and re-distillation)
     surrogates_epochs: int = 4
+    # head calibration (fedra_core.calibration): null (off) or lda: the server sets the global head to the
+    # linear discriminant of the full model's features, from sums every node computes on its training images
+    head_calibration: str | None = None
+    calibrate_every: int = 0  # 0: after the last round only; N: after every N-th round and the last
+    calibration_shrinkage: float | None = None  # share of the identity in the covariance; null: chosen by OAS
+
+    def calibration_due(self, server_round: int, rounds: int) -> bool:
+        """Whether the head is calibrated after round ``server_round`` of ``rounds``."""
+        if not self.head_calibration or server_round < 1:
+            return False
+        return server_round >= rounds or (self.calibrate_every > 0 and server_round % self.calibrate_every == 0)
 
     def __post_init__(self) -> None:
         _require(self.method in method_names(), "strategy.method", self.method, f"one of {method_names()}")
@@ -240,6 +251,14 @@ class StrategyConfig:
         _require(self.surrogates is None or method_class(self.method).surrogates_allowed, "strategy.surrogates",
                  self.surrogates, f"null for strategy.method {self.method!r} (surrogates stand in for the blocks "
                  f"a random sub-model skips: methods {surrogate_methods()})")
+        _require(self.head_calibration in (None, "lda"), "strategy.head_calibration", self.head_calibration,
+                 "null or 'lda'")
+        _require(self.head_calibration is None or not method_class(self.method).heterogeneous,
+                 "strategy.head_calibration", self.head_calibration,
+                 f"null for strategy.method {self.method!r} (each architecture has its own head)")
+        _require(self.calibrate_every >= 0, "strategy.calibrate_every", self.calibrate_every, "an integer >= 0")
+        _require(self.calibration_shrinkage is None or 0 <= self.calibration_shrinkage <= 1,
+                 "strategy.calibration_shrinkage", self.calibration_shrinkage, "null (OAS) or a number in [0, 1]")
         _require(self.distill_steps >= 0, "strategy.distill_steps", self.distill_steps, "an integer >= 0")
         _require(self.distill_steps == 0 or method_class(self.method).heterogeneous, "strategy.distill_steps",
                  self.distill_steps, f"0 for strategy.method {self.method!r} (the server distills across "
@@ -351,6 +370,8 @@ class Experiment:
 
         archs, clients = self.backbone.architectures, self.clients.architectures
         method = self.strategy.method
+        _require(not self.strategy.head_calibration or self.backbone.lora.train_head, "strategy.head_calibration",
+                 self.strategy.head_calibration, "null when backbone.lora.train_head is false (no global head)")
         if not method_class(method).heterogeneous:
             _require(not archs and clients is None, "backbone.architectures / clients.architectures",
                      self.backbone.architecture_names or clients,

@@ -80,6 +80,32 @@ def evaluate_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
     return model.evaluate(state, {"local": data.test}, experiment.training.eval_batch_size, precision)["local"]
 
 
+def statistics_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
+                       state: Mapping[str, torch.Tensor]) -> Any:
+    """Head-calibration sums of the global model's features on a node's training images.
+
+    As ``evaluate_on_node``: in memory when the node holds every block, else streamed
+    from its cache one block at a time.
+    """
+    from fedra_core.calibration import head_features, statistics
+
+    device = node.device
+    precision = experiment.training.precision if device != "cpu" else "fp32"
+    if node.own_max_layers is not None and node.own_max_layers < meta.num_layers:
+        from fedra_core.streaming import StreamedGlobalModel, without_exits
+
+        batch = min(experiment.training.eval_batch_size, experiment.training.batch_size)
+        streamed = StreamedGlobalModel(node.backbone_cache, data.num_classes, experiment.backbone.lora, device,
+                                       experiment.seed, method_for(experiment).global_layers(meta.num_layers), batch)
+        features, labels = streamed.features(without_exits(state), data.train, precision=precision)
+    else:
+        model = global_model(experiment, node.backbone_cache, data.num_classes, device)
+        model.load(state)
+        features, labels = head_features(model.model, data.train, experiment.training.eval_batch_size, device,
+                                          precision)
+    return statistics(features, labels, data.num_classes)
+
+
 def aggregate_evaluations(evaluations: Sequence[NodeEvaluation],
                           failures: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The round's client-side evaluation record.

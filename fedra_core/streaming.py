@@ -76,9 +76,9 @@ def _embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(x)
 
 
-def _classify(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits from the last block's tokens: final norm, pooling, head."""
-    return model.forward_head(model.norm(tokens))  # (B, num_classes)
+def _classify(model: nn.Module, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """Logits from the last block's tokens: final norm, pooling, head (``pre_logits``: the head's input)."""
+    return model.forward_head(model.norm(tokens), pre_logits=pre_logits)  # (B, num_classes) or (B, C)
 
 
 class StreamedGlobalModel:
@@ -146,10 +146,17 @@ class StreamedGlobalModel:
         logits, _ = self._run(state, [images], batch_size, precision)
         return logits[0]
 
+    def features(self, state: Mapping[str, torch.Tensor], dataset: Dataset, batch_size: int | None = None,
+                 precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's input features ``(N, d)`` and labels ``(N,)`` of a dataset under ``state`` (head calibration)."""
+        features, labels = self._run(state, [dataset], batch_size, precision, pre_logits=True)
+        return features[0], labels[0]
+
     @torch.no_grad()
     def _run(self, state: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor | Dataset],
-             batch_size: int | None, precision: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Logits and labels of each input, every block read once for all of them."""
+             batch_size: int | None, precision: str, pre_logits: bool = False
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Logits (the head's input with ``pre_logits``) and labels of each input, every block read once."""
         self._check_blocks_of(state)
         size = batch_size or self.batch_size
         shell = self._shell(state)  # shared parts and the first block
@@ -160,7 +167,7 @@ class StreamedGlobalModel:
             block = self._block(index, state)
             self._apply(block, tokens, size, precision)
             del block  # freed before the next block is read
-        logits = torch.cat([self._head(shell, tokens[i:i + size], precision)
+        logits = torch.cat([self._head(shell, tokens[i:i + size], precision, pre_logits)
                             for i in range(0, len(tokens), size)])  # (N, num_classes)
         bounds = torch.tensor([0, *[len(x) for x in inputs]]).cumsum(0).tolist()
         return ([logits[a:b] for a, b in zip(bounds, bounds[1:])],
@@ -228,9 +235,9 @@ class StreamedGlobalModel:
                 out = block(tokens[start:start + size].to(self.device))  # (B, T, C)
             tokens[start:start + size] = out.float().cpu()
 
-    def _head(self, shell: nn.Module, tokens: torch.Tensor, precision: str) -> torch.Tensor:
+    def _head(self, shell: nn.Module, tokens: torch.Tensor, precision: str, pre_logits: bool = False) -> torch.Tensor:
         with autocast(self.device, precision):
-            return _classify(shell, tokens.to(self.device)).float().cpu()  # (B, num_classes)
+            return _classify(shell, tokens.to(self.device), pre_logits).float().cpu()  # (B, num_classes or C)
 
 
 def _batches(images: torch.Tensor | Dataset, size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -168,6 +168,30 @@ def run_train(config: Mapping[str, Any], arrays: RawArrays, node_config: Mapping
     return encode(local.delta, wire_dtype), metrics
 
 
+def run_calibrate(config: Mapping[str, Any], arrays: RawArrays, node_config: Mapping[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Head-calibration sums of the whole global model's features on local training images: (arrays, metrics).
+
+    The arrays are float32 whatever the wire dtype: the sums lose too much in bfloat16.
+    """
+    import time
+
+    from fedra_core.federated import statistics_on_node  # torch models and peft: only needed here
+    from fedra_core.wire import decode, encode
+
+    experiment, node, meta, data = setup(config, node_config)
+    if not experiment.strategy.head_calibration:
+        raise TaskRefused("strategy.head_calibration is off: nodes are not asked for calibration statistics")
+    wire_dtype = str(config.get("wire-dtype", "float32"))
+    check_received({k: (d, s, len(b)) for k, (d, s, b) in arrays.items()}, range(meta.num_layers), wire_dtype)
+    state = decode(decode_raw(arrays))
+    start = time.perf_counter()
+    stats = statistics_on_node(experiment, node, meta, data, state)
+    metrics = {"num-examples": stats.examples, "calibrate-seconds": time.perf_counter() - start,
+               "streamed": float(node.own_max_layers is not None and node.own_max_layers < meta.num_layers)}
+    return encode(stats.to_arrays(), "float32"), metrics
+
+
 def run_evaluate(config: Mapping[str, Any], arrays: RawArrays, node_config: Mapping[str, Any]) -> dict[str, float]:
     """Score the whole global model on this node's own test split (``evaluation.mode`` clients or both)."""
     import time

@@ -13,6 +13,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, Message
 
 from fedra_core.aggregation import InvalidReply, check_delta
+from fedra_core.calibration import COUNTS, GRAM, SUMS, CalibrationError, FeatureStats, check_statistics
 from fedra_core.lora import State
 from fedra_core.wire import PACKED, WireError, check_array_meta, check_decoded, decode, is_packed, unpack_numpy
 
@@ -192,3 +193,29 @@ def read_eval_reply(reply: Message) -> EvalReply:
     if loss < 0 or not 0 <= accuracy <= 1 or not (ensemble is None or 0 <= ensemble <= 1):
         raise InvalidReply(f"eval-loss {loss} must be >= 0 and accuracies within 0..1")
     return EvalReply(loss, accuracy, whole_number(metrics.get("num-examples"), "num-examples", 1), ensemble)
+
+
+def read_calibration_reply(reply: Message, dim: int, num_classes: int, max_examples: int
+                           ) -> tuple[FeatureStats, int]:
+    """The checked feature sums of a calibration reply and its bytes; ``InvalidReply`` when absent or bad.
+
+    Parameters
+    ----------
+    reply : Message
+        The node's reply (not an error reply).
+    dim, num_classes : int
+        The head's input width and its classes: the sums' shapes.
+    max_examples : int
+        The node's declared training examples: the most images it can have counted.
+    """
+    import torch
+
+    if "arrays" not in reply.content.array_records:
+        raise InvalidReply("reply lacks the 'arrays' ArrayRecord")
+    record = reply.content.array_records["arrays"]
+    shapes = {GRAM: (dim, dim), SUMS: (num_classes, dim), COUNTS: (num_classes,)}
+    arrays = read_arrays(record, {k: torch.empty(shape) for k, shape in shapes.items()}, "float32")
+    try:
+        return check_statistics(arrays, dim, num_classes, max_examples), serialized_bytes(record)
+    except CalibrationError as err:
+        raise InvalidReply(f"calibration statistics: {err}") from err

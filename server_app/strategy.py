@@ -14,15 +14,23 @@ from flwr.supercore import log
 
 from fedra_core.aggregation import InvalidReply, clip_delta, is_finite_state
 from fedra_core.allocation import layers_of
+from fedra_core.calibration import CalibrationError, calibrate_state, head_keys
 from fedra_core.config import Experiment
 from fedra_core.federated import NodeEvaluation, aggregate_evaluations
 from fedra_core.lora import State
 from fedra_core.methods import method_for
 from fedra_core.wire import encode
-from server_app.replies import read_capacity, read_eval_reply, read_train_reply, serialized_bytes
+from server_app.replies import (
+    read_calibration_reply,
+    read_capacity,
+    read_eval_reply,
+    read_train_reply,
+    serialized_bytes,
+)
 
 QUERY_TIMEOUT = 120.0
 QUERY_BACKOFF = (60.0, 3600.0)  # a silent node is asked again after 60 s, doubling up to an hour
+CALIBRATE = f"{MessageType.EVALUATE}.calibrate"  # the ClientApp's handler of head-calibration requests
 
 
 class FederationTooSmall(RuntimeError):
@@ -146,6 +154,7 @@ class FedRA(Strategy):
         self.last_eval: dict[str, Any] | None = None  # the nodes' evaluation of the last round
         self.last_record: dict[str, Any] = {}
         self.method = method_for(experiment)  # allocation, slicing, aggregation; its memory across rounds
+        self.grid: Grid | None = None  # the run's grid, for head calibration inside a round
         self._experiment_json = experiment.to_json()
 
     def server_state(self) -> State:
@@ -281,6 +290,7 @@ class FedRA(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Sample, allocate, and send each node the state of its blocks and the shared parts."""
+        self.grid = grid
         self.discover(grid)
         nodes = self._sample(grid)
         matrix = self.allocation(nodes)
@@ -329,6 +339,8 @@ class FedRA(Strategy):
             log(WARNING, "Round %d: %s", pending.server_round, reason)
             self.last_record["aggregation"] = {"status": "discarded", "reason": reason}
             return ArrayRecord(pending.state), None
+        if self.cfg.calibration_due(pending.server_round, self.experiment.training.rounds):
+            new_state = self.calibrate(new_state, pending.server_round)
         return ArrayRecord(new_state), self._train_metrics(outcomes)
 
     def _aggregate(self, pending: PendingRound, deltas: dict[int, State],
@@ -409,6 +421,62 @@ class FedRA(Strategy):
             if values:
                 metrics[key.replace("_", "-")] = sum(v * n for v, n in values) / max(total, 1)
         return MetricRecord(metrics)
+
+    # ------------------------------------------------------------ calibrate
+    def calibrate(self, state: State, server_round: int) -> State:
+        """``state`` with its head refit to every connected node's feature sums (``fedra_core.calibration``).
+
+        Each node runs the whole global model over its training images and replies three
+        sums; a reply that fails a check is left out, and with no valid reply (or a
+        head that comes out non-finite) the state is returned unchanged. What happened
+        goes into the round's record as ``calibration``.
+        """
+        start = time.perf_counter()
+        grid = self.grid
+        if grid is None:
+            raise RuntimeError("calibrate called before configure_train")
+        weight_key, _ = head_keys(state)
+        num_classes, dim = state[weight_key].shape
+        connected = set(grid.get_node_ids())
+        nodes = {n.node_id: n for n in self.nodes.values() if n.node_id in connected}
+        record = to_record(state, self.cfg.wire_dtype)
+        cfg = ConfigRecord({"server-round": server_round, "wire-dtype": self.cfg.wire_dtype,
+                            "experiment": self._experiment_json})
+        messages = [Message(content=RecordDict({"arrays": record, "config": cfg}), message_type=CALIBRATE,
+                            dst_node_id=node_id) for node_id in sorted(nodes)]
+        log(INFO, "calibrate: %d clients send the features' sums of the global model of round %d",
+            len(messages), server_round)
+        stats, failures, received = {}, {}, 0
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.reply_timeout):
+            node_id = node_of_reply(reply, messages)
+            if node_id not in nodes or node_id in stats or node_id in failures:
+                continue
+            try:
+                if reply.has_error():
+                    raise InvalidReply(reply.error.reason)
+                stats[node_id], size = read_calibration_reply(reply, dim, num_classes, nodes[node_id].num_examples)
+                received += size
+            except InvalidReply as err:
+                failures[node_id] = {"node_id": node_id, "status": "failed" if reply.has_error() else "rejected",
+                                     "reason": err.reason}
+                log(WARNING, "Calibration statistics of client %d %s: %s", node_id, failures[node_id]["status"],
+                    err.reason)
+        for node_id in set(nodes) - set(stats) - set(failures):
+            failures[node_id] = {"node_id": node_id, "status": "failed", "reason": "no reply within the timeout"}
+        info: dict[str, Any] = {"bytes_sent_per_node": serialized_bytes(record), "bytes_received": received,
+                                "failures": [failures[n] for n in sorted(failures)]}
+        try:
+            calibrated, done = calibrate_state(state, [stats[n] for n in sorted(stats)], self.cfg.calibration_shrinkage)
+            if not is_finite_state(calibrated):
+                raise CalibrationError("the calibrated head is not finite")
+            info.update(done, status="ok")
+        except CalibrationError as err:
+            calibrated = state
+            info.update(status="skipped", reason=str(err))
+            log(WARNING, "Round %d: the head was not calibrated: %s", server_round, err)
+        info["seconds"] = time.perf_counter() - start
+        self.last_record["calibration"] = info
+        return calibrated
 
     # ------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
