@@ -24,6 +24,9 @@ KNOWN_METRICS = {"train-loss": "train_loss", "train-accuracy": "train_accuracy",
                  "total-seconds": "total_seconds", "images-per-second": "images_per_second",
                  "bytes-read": "bytes_read", "steps": "steps", "worker": "worker",
                  "wait-seconds": "wait_seconds", "startup-seconds": "startup_seconds", "forked": "forked"}
+# What a node may report about its calibration (the rest is ignored), with the record's names.
+CALIBRATION_METRICS = {"calibrate-seconds": "seconds", "streamed": "streamed", "worker": "worker",
+                       "total-seconds": "total_seconds"}
 MAX_EXAMPLES = 10**9  # more examples than any node holds: a declared size beyond is a lie
 MAX_TEXT = 256  # longest domain name or backbone source accepted from a node
 
@@ -196,8 +199,8 @@ def read_eval_reply(reply: Message) -> EvalReply:
 
 
 def read_calibration_reply(reply: Message, dim: int, num_classes: int, max_examples: int
-                           ) -> tuple[FeatureStats, int]:
-    """The checked feature sums of a calibration reply and its bytes; ``InvalidReply`` when absent or bad.
+                           ) -> tuple[FeatureStats, int, dict[str, float]]:
+    """The checked feature sums of a calibration reply, its bytes and its known metrics; ``InvalidReply`` when bad.
 
     Parameters
     ----------
@@ -215,7 +218,9 @@ def read_calibration_reply(reply: Message, dim: int, num_classes: int, max_examp
     record = reply.content.array_records["arrays"]
     shapes = {GRAM: (dim, dim), SUMS: (num_classes, dim), COUNTS: (num_classes,)}
     arrays = read_arrays(record, {k: torch.empty(shape) for k, shape in shapes.items()}, "float32")
+    raw = reply.content.metric_records.get("metrics") or {}
+    metrics = {name: finite_number(raw[key], key) for key, name in CALIBRATION_METRICS.items() if key in raw}
     try:
-        return check_statistics(arrays, dim, num_classes, max_examples), serialized_bytes(record)
+        return check_statistics(arrays, dim, num_classes, max_examples), serialized_bytes(record), metrics
     except CalibrationError as err:
         raise InvalidReply(f"calibration statistics: {err}") from err

@@ -446,7 +446,7 @@ class FedRA(Strategy):
                             dst_node_id=node_id) for node_id in sorted(nodes)]
         log(INFO, "calibrate: %d clients send the features' sums of the global model of round %d",
             len(messages), server_round)
-        stats, failures, received = {}, {}, 0
+        stats, failures, received, accepted = {}, {}, 0, []
         for reply in grid.send_and_receive(messages, timeout=self.cfg.reply_timeout):
             node_id = node_of_reply(reply, messages)
             if node_id not in nodes or node_id in stats or node_id in failures:
@@ -454,16 +454,21 @@ class FedRA(Strategy):
             try:
                 if reply.has_error():
                     raise InvalidReply(reply.error.reason)
-                stats[node_id], size = read_calibration_reply(reply, dim, num_classes, nodes[node_id].num_examples)
+                stats[node_id], size, metrics = read_calibration_reply(reply, dim, num_classes,
+                                                                       nodes[node_id].num_examples)
                 received += size
+                accepted.append({"node_id": node_id, "partition_id": nodes[node_id].partition_id,
+                                 "examples": stats[node_id].examples, **metrics})
             except InvalidReply as err:
-                failures[node_id] = {"node_id": node_id, "status": "failed" if reply.has_error() else "rejected",
-                                     "reason": err.reason}
+                failures[node_id] = {"node_id": node_id, "partition_id": nodes[node_id].partition_id,
+                                     "status": "failed" if reply.has_error() else "rejected", "reason": err.reason}
                 log(WARNING, "Calibration statistics of client %d %s: %s", node_id, failures[node_id]["status"],
                     err.reason)
         for node_id in set(nodes) - set(stats) - set(failures):
-            failures[node_id] = {"node_id": node_id, "status": "failed", "reason": "no reply within the timeout"}
+            failures[node_id] = {"node_id": node_id, "partition_id": nodes[node_id].partition_id, "status": "failed",
+                                 "reason": "no reply within the timeout"}
         info: dict[str, Any] = {"bytes_sent_per_node": serialized_bytes(record), "bytes_received": received,
+                                "clients": sorted(accepted, key=lambda c: c["partition_id"]),
                                 "failures": [failures[n] for n in sorted(failures)]}
         try:
             calibrated, done = calibrate_state(state, [stats[n] for n in sorted(stats)], self.cfg.calibration_shrinkage)

@@ -209,3 +209,18 @@ def test_interrupted_comparison_stops_its_servers_and_resumes(tmp_path: Path, ti
     assert rounds == list(range(4))  # rounds 0..3 once each: continued, not restarted
     assert "resuming" in (out / "logs" / "tiny-fedra-s0.log").read_text()
     assert (run_dir / "results.md").is_file()
+
+
+def test_runs_with_surrogates_or_a_calibrated_head_are_told_apart(tmp_path: Path) -> None:
+    matrix = [[[1, 1, 0, 0], [0, 0, 1, 1]]]
+    variants = {"plain": {}, "every": {"head_calibration": "lda", "calibrate_every": 1},
+                "last": {"head_calibration": "lda"}, "both": {"surrogates": "frozen", "head_calibration": "lda"}}
+    names = {}
+    for name, strategy in variants.items():
+        folder = _finished_run(tmp_path / name, "fedra", matrix, [0.5, 0.5])
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["strategy"].update(strategy)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        names[name] = compare.read_run(folder).method
+    assert names == {"plain": "fedra", "every": "fedra + lda head (every 1)", "last": "fedra + lda head (last round)",
+                     "both": "fedra + surrogates (frozen) + lda head (last round)"}

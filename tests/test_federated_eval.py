@@ -146,7 +146,8 @@ def test_a_cluster_whose_server_has_no_data_is_evaluated_by_its_nodes(tmp_path: 
         "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
         "data": {"dataset": "folder", "root": str(tmp_path / "not-on-the-server"), "domains": DOMAINS,
                  "num_classes": 2},
-        "clients": {"capacities": [6, 4, 2]}, "strategy": {"reply_timeout": 300},
+        "clients": {"capacities": [6, 4, 2]},
+        "strategy": {"reply_timeout": 300, "head_calibration": "lda", "calibrate_every": 1},
         "training": {"rounds": 2, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003},
         "evaluation": {"mode": "clients"}}))
     workdir, run_dir = tmp_path / "cluster", tmp_path / "out" / "tiny"
@@ -177,6 +178,10 @@ def test_a_cluster_whose_server_has_no_data_is_evaluated_by_its_nodes(tmp_path: 
     for record in records[:2]:  # every node evaluated, node 2 (2 of 6 blocks) by streaming the model
         assert sorted(n["partition_id"] for n in record["client_eval"]["nodes"]) == [0, 1, 2]
         assert set(record["accuracy"]) == set(DOMAINS)
+    for record in records[1:]:  # the head calibrated from every node's sums, node 2's streamed
+        calibration = record["calibration"]
+        assert calibration["status"] == "ok" and calibration["nodes"] == 3, calibration
+        assert {c["partition_id"]: c["streamed"] for c in calibration["clients"]} == {0: 0.0, 1: 1.0, 2: 1.0}
     last = records[2]["client_eval"]
     assert sorted(n["partition_id"] for n in last["nodes"]) == [0, 1]
     assert [f["partition_id"] for f in last["failures"]] == [2]

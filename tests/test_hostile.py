@@ -37,7 +37,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory, tiny_vit_cache: Path) 
         "backbone": {"cache": str(tiny_vit_cache), "lora": {"rank": 2, "alpha": 2, "dropout": 0.0}},
         "data": {"dataset": "builtin-digits", "domains": DOMAINS, "max_test_per_domain": 20},
         "clients": {"capacities": [6, 4, 3, 2, 2]},
-        "strategy": {"reply_timeout": 300, "clip_delta_norm": 5.0},
+        "strategy": {"reply_timeout": 300, "clip_delta_norm": 5.0, "head_calibration": "lda", "calibrate_every": 1},
         "training": {"rounds": 3, "local_steps": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.003}}))
     flwr_home, control = tmp_path / "flwr-home", free_port()
     write_connection(flwr_home)
@@ -89,3 +89,18 @@ def test_a_node_with_a_bad_capacity_is_excluded_and_the_poison_is_clipped(hostil
     assert all(c["status"] == "ok" and not c["clipped"] for c in honest)  # the others still train
     for name in ("adapters.safetensors", "checkpoint.safetensors"):
         assert all(torch.isfinite(v).all() for v in _tensors(run_dir / name).values()), name
+
+
+def test_hostile_calibration_sums_are_left_out_and_the_head_stays_sound(hostile_run: tuple[Path, str]) -> None:
+    run_dir, _ = hostile_run
+    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    for record in records[1:]:
+        calibration = record["calibration"]
+        assert calibration["status"] == "ok" and calibration["nodes"] == 1  # partition 0's sums alone
+        reasons = {f["partition_id"]: f["reason"] for f in calibration["failures"]}
+        assert set(reasons) == {1, 2, 3}
+        assert "inconsistent" in reasons[1]
+        assert "declared" in reasons[2]
+        assert "NaN" in reasons[3]
+    head = _tensors(run_dir / "adapters.safetensors")["head.weight"]
+    assert torch.isfinite(head).all() and head.abs().max() > 0

@@ -6,13 +6,19 @@
   list-valued ``train-loss``.
 - partition 3: a poisoned delta of 3.3e38 in every tensor, every round.
 - partition 4: declares ``num-examples`` of inf in the capacity query.
+
+Head calibration (every round): partition 0 honest; partition 1 class sums no features
+can have; partition 2 counts far beyond its data; partition 3 a NaN in its gram matrix.
 """
 
 import math
 
+import numpy as np
+
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.app import calibrate as project_calibrate
 from client_app.app import query as project_query
 from client_app.app import train as project_train
 
@@ -52,3 +58,20 @@ def train(message: Message, context: Context) -> Message:
     elif partition == 3:
         arrays = ArrayRecord({k: Array(a.numpy() * 0 + 3.3e38) for k, a in arrays.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+@app.evaluate("calibrate")
+def calibrate(message: Message, context: Context) -> Message:
+    """Compute the calibration sums honestly, then corrupt them as the partition's role says."""
+    reply = project_calibrate(message, context)
+    arrays = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
+    partition = _partition(context)
+    if partition == 1:
+        arrays["calibration.sums"] = arrays["calibration.sums"] * 50
+    elif partition == 2:
+        arrays["calibration.counts"] = arrays["calibration.counts"] * 1000
+    elif partition == 3:
+        arrays["calibration.gram"] = np.full_like(arrays["calibration.gram"], np.nan)
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return Message(RecordDict({"arrays": record, "metrics": reply.content.metric_records["metrics"]}),
+                   reply_to=message)
