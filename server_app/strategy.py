@@ -31,6 +31,7 @@ from server_app.replies import (
 QUERY_TIMEOUT = 120.0
 QUERY_BACKOFF = (60.0, 3600.0)  # a silent node is asked again after 60 s, doubling up to an hour
 CALIBRATE = f"{MessageType.EVALUATE}.calibrate"  # the ClientApp's handler of head-calibration requests
+TRAINING_HEAD = "calibration.training_head."  # checkpoint prefix of the head the clients train (head calibration)
 
 
 class FederationTooSmall(RuntimeError):
@@ -70,6 +71,7 @@ class PendingRound:
     nodes: list[NodeInfo]
     matrix: np.ndarray
     sent: dict[int, State] = field(default_factory=dict)  # node id -> sliced state
+    shown_head: State = field(default_factory=dict)  # the calibrated head ``state``'s training head replaced
     messages: list[Message] = field(default_factory=list)
     bytes_sent: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -155,14 +157,24 @@ class FedRA(Strategy):
         self.last_record: dict[str, Any] = {}
         self.method = method_for(experiment)  # allocation, slicing, aggregation; its memory across rounds
         self.grid: Grid | None = None  # the run's grid, for head calibration inside a round
+        # After a calibration the global state carries the calibrated head (evaluated, saved); the
+        # clients go on training the averaged one, kept here (checkpointed by ``server_state``).
+        self.training_head: State = {}
         self._experiment_json = experiment.to_json()
 
     def server_state(self) -> State:
-        """What the method keeps across rounds (InclusiveFL's momentum), for the run's checkpoint."""
-        return {self.method.memory_prefix + key: value for key, value in self.method.memory.items()}
+        """What the method keeps across rounds (InclusiveFL's momentum) and the training head, for the checkpoint."""
+        state = {self.method.memory_prefix + key: value for key, value in self.method.memory.items()}
+        return {**state, **{TRAINING_HEAD + key: value for key, value in self.training_head.items()}}
 
     def load_server_state(self, state: State) -> None:
         """Continue from a checkpoint's ``server_state``."""
+        head = {key[len(TRAINING_HEAD):]: value for key, value in state.items() if key.startswith(TRAINING_HEAD)}
+        if head and not self.cfg.head_calibration:
+            raise ValueError("the checkpoint holds the training head of a run with head calibration; "
+                             "resume it with strategy.head_calibration set")
+        self.training_head = head
+        state = {key: value for key, value in state.items() if not key.startswith(TRAINING_HEAD)}
         prefix = self.method.memory_prefix
         unknown = [k for k in state if not prefix or not k.startswith(prefix)]
         if unknown:
@@ -295,7 +307,9 @@ class FedRA(Strategy):
         nodes = self._sample(grid)
         matrix = self.allocation(nodes)
         state = _sendable(arrays)
-        pending = PendingRound(self.round_offset + server_round, state, nodes, matrix)
+        shown = {key: state[key] for key in self.training_head if key in state}
+        state = {**state, **self.training_head}  # after a calibration: the clients train the averaged head
+        pending = PendingRound(self.round_offset + server_round, state, nodes, matrix, shown_head=shown)
         for row, node in enumerate(nodes):
             layers = layers_of(matrix, row)
             pending.sent[node.node_id] = self.method.sendable(state, layers, node.architecture, node.depth)
@@ -329,17 +343,20 @@ class FedRA(Strategy):
             if delta is not None:
                 deltas[node_id] = delta
         self.last_record = self._round_record(pending, outcomes)
+        unchanged = ArrayRecord({**pending.state, **pending.shown_head})  # as the round found it
         if not deltas:
             log(WARNING, "Round %d: no valid reply; the global state is unchanged", pending.server_round)
-            return ArrayRecord(pending.state), None
+            return unchanged, None
         new_state = self._aggregate(pending, deltas, outcomes)
         if not is_finite_state(new_state):
             # Finite deltas can still overflow float32 when added: keep the last good state.
             reason = "the averaged state overflowed to NaN or infinity; the round was discarded"
             log(WARNING, "Round %d: %s", pending.server_round, reason)
             self.last_record["aggregation"] = {"status": "discarded", "reason": reason}
-            return ArrayRecord(pending.state), None
+            return unchanged, None
+        self.training_head = {}
         if self.cfg.calibration_due(pending.server_round, self.experiment.training.rounds):
+            self.training_head = {key: new_state[key] for key in head_keys(new_state)}
             new_state = self.calibrate(new_state, pending.server_round)
         return ArrayRecord(new_state), self._train_metrics(outcomes)
 
@@ -429,7 +446,9 @@ class FedRA(Strategy):
         Each node runs the whole global model over its training images and replies three
         sums; a reply that fails a check is left out, and with no valid reply (or a
         head that comes out non-finite) the state is returned unchanged. What happened
-        goes into the round's record as ``calibration``.
+        goes into the round's record as ``calibration``. The calibrated head is the
+        global model's (evaluated and saved); the next round's clients still train the
+        averaged head (``training_head``), so calibrating never changes how they train.
         """
         start = time.perf_counter()
         grid = self.grid

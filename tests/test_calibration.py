@@ -257,3 +257,35 @@ def test_streamed_features_equal_the_in_memory_model(tiny_vit_cache: Path) -> No
     assert expected.shape == (9, model.model.num_features)
     torch.testing.assert_close(streamed, expected, atol=1e-5, rtol=0)
     assert torch.equal(streamed_labels, labels)
+
+
+def test_clients_go_on_training_the_averaged_head_and_a_resume_keeps_it() -> None:
+    stats = statistics(*_blobs(300, seed=10), CLASSES)
+    strategy, grid, state = _calibrating_strategy(lambda node_id, message: _stats_reply(message, _arrays(stats)))
+    strategy.experiment = experiment_from_dict({"clients": {"capacities": [2, 2, 2, 2]}, "training": {"rounds": 3},
+                                                "strategy": {"head_calibration": "lda", "calibrate_every": 1}})
+    strategy.cfg = strategy.experiment.strategy
+
+    def train_round(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replies = [Message(RecordDict({"arrays": ArrayRecord({k: torch.full_like(v, 0.5) for k, v in
+                                                              m.content["arrays"].to_torch_state_dict().items()}),
+                                       "metrics": MetricRecord({"num-examples": 10})}), reply_to=m)
+                   for m in messages]
+        return strategy.aggregate_train(server_round, replies)[0]
+
+    first = train_round(1, ArrayRecord(state)).to_torch_state_dict()
+    averaged = state["head.weight"] + 0.5
+    expected, _, _ = discriminant_head(stats + stats + stats + stats, averaged, state["head.bias"] + 0.5)  # 4 nodes
+    torch.testing.assert_close(first["head.weight"], expected, rtol=1e-4, atol=1e-3)  # evaluated and saved
+    torch.testing.assert_close(strategy.training_head["head.weight"], averaged)
+
+    sent = list(strategy.configure_train(2, ArrayRecord(first), ConfigRecord(), grid))
+    torch.testing.assert_close(sent[0].content["arrays"].to_torch_state_dict()["head.weight"], averaged)
+
+    resumed, _, _ = _calibrating_strategy(lambda node_id, message: None)
+    resumed.load_server_state(strategy.server_state())
+    torch.testing.assert_close(resumed.training_head["head.weight"], averaged)
+    plain = FedRA(experiment_from_dict({"clients": {"capacities": [2]}}), 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="head calibration"):
+        plain.load_server_state(strategy.server_state())
