@@ -9,14 +9,20 @@ how far a weak client's domain is learned at the depth that client trains.
 With ``--surrogates``, every shallow sub-model is also evaluated with the cache's block
 surrogates in its skipped positions (``fedra_core.surrogates``; distilled first when the
 cache has none), for runs of methods whose adapters are plain LoRA.
+With ``--calibrate``, the full model is also evaluated with its head calibrated as the
+server's ``strategy.head_calibration: lda`` would set it after the run's last round
+(``fedra_core.calibration``), from every client's training images, read here: what
+calibrating that run would have given. The experiment's data must be on this machine.
 """
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 
 from fedra_core.config import Experiment
@@ -73,8 +79,22 @@ def probe_methods(experiment: Experiment, surrogates: bool = False) -> list[tupl
     return [*plain, (" + surrogates", method_for(stand_in))]
 
 
+def calibrated(experiment: Experiment, meta: Any, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the head every client's feature sums give (``strategy.head_calibration: lda``)."""
+    from fedra_core.calibration import calibrate_state
+    from fedra_core.config import resolve_node
+    from fedra_core.datasets import client_data
+    from fedra_core.federated import statistics_on_node
+
+    sums = []
+    for partition in range(experiment.num_clients):
+        node = resolve_node(experiment, {"partition-id": partition, "num-partitions": experiment.num_clients})
+        sums.append(statistics_on_node(experiment, node, meta, client_data(experiment, node, meta), state))
+    return calibrate_state(state, sums, experiment.strategy.calibration_shrinkage)[0]
+
+
 def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed: int = 0,
-          surrogates: bool = False) -> list[ProbeRow]:
+          surrogates: bool = False, calibrate: bool = False) -> list[ProbeRow]:
     """Evaluate a finished run's final global state through full and shallow sub-models (and with surrogates)."""
     run_dir = Path(run_dir)
     adapters = run_dir / ADAPTERS
@@ -95,6 +115,11 @@ def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed
             model = GlobalModel(experiment.backbone.cache_path, num_classes, method, layers=layers)
             results = model.evaluate(slice_state(state, layers), sets, experiment.training.eval_batch_size)
             rows.append(ProbeRow(label + suffix, tuple(layers), {d: 100 * r["accuracy"] for d, r in results.items()}))
+        if calibrate and len(layers) == meta.num_layers:
+            model = GlobalModel(experiment.backbone.cache_path, num_classes, methods[0][1], layers=layers)
+            results = model.evaluate(calibrated(experiment, meta, state), sets, experiment.training.eval_batch_size)
+            rows.append(ProbeRow(label + ", calibrated head", tuple(layers),
+                                 {d: 100 * r["accuracy"] for d, r in results.items()}))
     return rows
 
 
@@ -104,7 +129,7 @@ def probe_table(rows: Sequence[ProbeRow]) -> str:
     lines = ["| sub-model | blocks | " + " | ".join(domains) + " | mean |",
              "|---|---|" + "---|" * (len(domains) + 1)]
     for row in rows:
-        blocks = "all" if row.label == "all blocks" else " ".join(str(i) for i in row.layers)
+        blocks = "all" if row.label.startswith("all blocks") else " ".join(str(i) for i in row.layers)
         cells = " | ".join(f"{row.accuracy[d]:.1f}" for d in domains)
         lines.append(f"| {row.label} | {blocks} | {cells} | **{row.mean:.1f}** |")
     return "\n".join(lines)
@@ -120,8 +145,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     parser.add_argument("--surrogates", action="store_true",
                         help="also evaluate each shallow sub-model with block surrogates in its skipped positions")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also evaluate the full model with its head calibrated from every client's data")
     args = parser.parse_args(argv)
-    table = probe_table(probe(args.run_dir, args.depths, args.draws, args.seed, args.surrogates))
+    table = probe_table(probe(args.run_dir, args.depths, args.draws, args.seed, args.surrogates, args.calibrate))
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -162,3 +162,39 @@ def test_probe_refuses_a_run_tuned_on_other_weights(finished_run: tuple[Path, st
     (copy / "adapters.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="adapters.safetensors is missing"):
         probe.probe(copy)
+
+
+def test_probe_calibrates_the_head_from_every_clients_features(finished_run: tuple[Path, str]) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from fedra_core import probe
+    from fedra_core.calibration import discriminant_head, head_features, statistics
+    from fedra_core.config import resolve_node
+    from fedra_core.datasets import client_data, test_sets
+    from fedra_core.evaluation import GlobalModel
+    from fedra_core.methods import method_for
+    from fedra_core.records import RunOutput
+    from fedra_core.run import prepare_backbone
+
+    run_dir, _ = finished_run
+    rows = probe.probe(run_dir, depths=[2], draws=0, calibrate=True)
+
+    assert [(r.label, len(r.layers)) for r in rows] == [("all blocks", 6), ("all blocks, calibrated head", 6),
+                                                         ("first 2", 2)]
+    experiment = RunOutput(run_dir).read_config()
+    meta = prepare_backbone(experiment)
+    state = load_file(str(run_dir / "adapters.safetensors"))
+    model = GlobalModel(experiment.backbone.cache_path, test_sets(experiment, meta)[1], method_for(experiment))
+    model.load(state)
+    pooled = None
+    for partition in range(experiment.num_clients):  # every client's training images, in one place
+        node = resolve_node(experiment, {"partition-id": partition, "num-partitions": experiment.num_clients})
+        data = client_data(experiment, node, meta)
+        sums = statistics(*head_features(model.model, data.train, 64), data.num_classes)
+        pooled = sums if pooled is None else pooled + sums
+    expected, _, _ = discriminant_head(pooled, state["head.weight"], state["head.bias"])
+    head = probe.calibrated(experiment, meta, state)["head.weight"]
+    torch.testing.assert_close(head, expected.float(), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(head, state["head.weight"])
+    assert "| all blocks, calibrated head | all |" in probe.probe_table(rows)
