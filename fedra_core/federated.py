@@ -56,6 +56,11 @@ def global_model(experiment: Experiment, cache: Path, num_classes: int, device: 
     return GlobalModel(cache, num_classes, method_for(experiment), device=device, architecture=architecture)
 
 
+def streams(node: Any, meta: Any) -> bool:
+    """Whether a node runs the full model block by block: its own ``max-layers`` (or memory budget) is below the depth."""
+    return node.own_max_layers is not None and node.own_max_layers < meta.num_layers
+
+
 def evaluate_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
                      state: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Loss, accuracy and count of the global model under ``state`` on a node's test split.
@@ -66,7 +71,7 @@ def evaluate_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
     """
     device = node.device
     precision = experiment.training.precision if device != "cpu" else "fp32"
-    if node.own_max_layers is not None and node.own_max_layers < meta.num_layers:
+    if streams(node, meta):
         from fedra_core.streaming import stream_evaluate, without_exits  # DepthFL's exits are not streamed
 
         # A small node streams at its training batch size: a block's activations then fit
@@ -91,7 +96,7 @@ def statistics_on_node(experiment: Experiment, node: Any, meta: Any, data: Any,
 
     device = node.device
     precision = experiment.training.precision if device != "cpu" else "fp32"
-    if node.own_max_layers is not None and node.own_max_layers < meta.num_layers:
+    if streams(node, meta):
         from fedra_core.streaming import StreamedGlobalModel, without_exits
 
         batch = min(experiment.training.eval_batch_size, experiment.training.batch_size)

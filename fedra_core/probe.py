@@ -9,8 +9,8 @@ how far a weak client's domain is learned at the depth that client trains.
 With ``--surrogates``, every shallow sub-model is also evaluated with the cache's block
 surrogates in its skipped positions (``fedra_core.surrogates``; distilled first when the
 cache has none), for runs of methods whose adapters are plain LoRA.
-With ``--calibrate``, the full model is also evaluated with its head calibrated as the
-server's ``strategy.head_calibration: lda`` would set it after the run's last round
+With ``--calibrate``, the method's global model is also evaluated with its head calibrated
+as the server's ``strategy.head_calibration: lda`` would set it after the run's last round
 (``fedra_core.calibration``), from every client's training images, read here: what
 calibrating that run would have given. The experiment's data must be on this machine.
 """
@@ -115,11 +115,13 @@ def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed
             model = GlobalModel(experiment.backbone.cache_path, num_classes, method, layers=layers)
             results = model.evaluate(slice_state(state, layers), sets, experiment.training.eval_batch_size)
             rows.append(ProbeRow(label + suffix, tuple(layers), {d: 100 * r["accuracy"] for d, r in results.items()}))
-        if calibrate and len(layers) == meta.num_layers:
-            model = GlobalModel(experiment.backbone.cache_path, num_classes, methods[0][1], layers=layers)
-            results = model.evaluate(calibrated(experiment, meta, state), sets, experiment.training.eval_batch_size)
-            rows.append(ProbeRow(label + ", calibrated head", tuple(layers),
-                                 {d: 100 * r["accuracy"] for d, r in results.items()}))
+    if calibrate:  # the method's own global model (all-small's is shallow), after "all blocks"
+        layers = methods[0][1].global_layers(meta.num_layers) or list(range(meta.num_layers))
+        model = GlobalModel(experiment.backbone.cache_path, num_classes, methods[0][1], layers=layers)
+        results = model.evaluate(slice_state(calibrated(experiment, meta, state), layers), sets,
+                                 experiment.training.eval_batch_size)
+        rows.insert(1, ProbeRow("global model, calibrated head", tuple(layers),
+                                {d: 100 * r["accuracy"] for d, r in results.items()}))
     return rows
 
 
@@ -129,7 +131,7 @@ def probe_table(rows: Sequence[ProbeRow]) -> str:
     lines = ["| sub-model | blocks | " + " | ".join(domains) + " | mean |",
              "|---|---|" + "---|" * (len(domains) + 1)]
     for row in rows:
-        blocks = "all" if row.label.startswith("all blocks") else " ".join(str(i) for i in row.layers)
+        blocks = "all" if len(row.layers) == len(rows[0].layers) else " ".join(str(i) for i in row.layers)
         cells = " | ".join(f"{row.accuracy[d]:.1f}" for d in domains)
         lines.append(f"| {row.label} | {blocks} | {cells} | **{row.mean:.1f}** |")
     return "\n".join(lines)
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--surrogates", action="store_true",
                         help="also evaluate each shallow sub-model with block surrogates in its skipped positions")
     parser.add_argument("--calibrate", action="store_true",
-                        help="also evaluate the full model with its head calibrated from every client's data")
+                        help="also evaluate the global model with its head calibrated from every client's data")
     args = parser.parse_args(argv)
     table = probe_table(probe(args.run_dir, args.depths, args.draws, args.seed, args.surrogates, args.calibrate))
     print(table)

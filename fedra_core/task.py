@@ -176,7 +176,7 @@ def run_calibrate(config: Mapping[str, Any], arrays: RawArrays, node_config: Map
     """
     import time
 
-    from fedra_core.federated import statistics_on_node  # torch models and peft: only needed here
+    from fedra_core.federated import statistics_on_node, streams  # torch models and peft: only needed here
     from fedra_core.wire import decode, encode
 
     experiment, node, meta, data = setup(config, node_config)
@@ -188,7 +188,7 @@ def run_calibrate(config: Mapping[str, Any], arrays: RawArrays, node_config: Map
     start = time.perf_counter()
     stats = statistics_on_node(experiment, node, meta, data, state)
     metrics = {"num-examples": stats.examples, "calibrate-seconds": time.perf_counter() - start,
-               "streamed": float(node.own_max_layers is not None and node.own_max_layers < meta.num_layers)}
+               "streamed": float(streams(node, meta))}
     return encode(stats.to_arrays(), "float32"), metrics
 
 

@@ -180,7 +180,7 @@ def test_probe_calibrates_the_head_from_every_clients_features(finished_run: tup
     run_dir, _ = finished_run
     rows = probe.probe(run_dir, depths=[2], draws=0, calibrate=True)
 
-    assert [(r.label, len(r.layers)) for r in rows] == [("all blocks", 6), ("all blocks, calibrated head", 6),
+    assert [(r.label, len(r.layers)) for r in rows] == [("all blocks", 6), ("global model, calibrated head", 6),
                                                          ("first 2", 2)]
     experiment = RunOutput(run_dir).read_config()
     meta = prepare_backbone(experiment)
@@ -197,4 +197,4 @@ def test_probe_calibrates_the_head_from_every_clients_features(finished_run: tup
     head = probe.calibrated(experiment, meta, state)["head.weight"]
     torch.testing.assert_close(head, expected.float(), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(head, state["head.weight"])
-    assert "| all blocks, calibrated head | all |" in probe.probe_table(rows)
+    assert "| global model, calibrated head | all |" in probe.probe_table(rows)
