@@ -154,7 +154,11 @@ def discriminant_head(stats: FeatureStats, weight: torch.Tensor, bias: torch.Ten
         raise CalibrationError("the features do not vary within classes: nothing to calibrate on")
     shrunk = (1 - rho) * covariance + rho * level * torch.eye(p, dtype=covariance.dtype)
     means = stats.sums[seen] / stats.counts[seen, None]  # (C', d)
-    rows = torch.linalg.solve(shrunk, means.T).T  # (C', d): Sigma^-1 mu_c
+    try:
+        rows = torch.linalg.solve(shrunk, means.T).T  # (C', d): Sigma^-1 mu_c
+    except RuntimeError as err:  # torch.linalg.LinAlgError: a singular covariance without shrinkage
+        raise CalibrationError(f"the shrunk covariance is singular (shrinkage {rho}); "
+                               "leave strategy.calibration_shrinkage null or raise it") from err
     offsets = -0.5 * (rows * means).sum(dim=1) + torch.log(stats.counts[seen] / n)
     new_weight, new_bias = weight.detach().clone(), bias.detach().clone()
     new_weight[seen] = rows.to(weight.dtype)

@@ -95,6 +95,15 @@ def test_one_class_or_a_head_of_another_size_is_refused() -> None:
         calibrate_state({"head.weight": torch.zeros(CLASSES, DIM), "head.bias": torch.zeros(CLASSES)}, [])
 
 
+def test_a_singular_covariance_without_shrinkage_is_refused_by_name() -> None:
+    features, labels = _blobs(3, seed=11)  # 3 images of 6 dimensions: a singular covariance
+    labels = torch.tensor([0, 1, 1])
+    with pytest.raises(CalibrationError, match="singular"):
+        discriminant_head(statistics(features, labels, CLASSES), *_head(), shrinkage=0.0)
+    weight, _, info = discriminant_head(statistics(features, labels, CLASSES), *_head())  # OAS copes
+    assert torch.isfinite(weight).all() and info["shrinkage"] > 0
+
+
 def test_oas_shrinks_little_with_many_examples_and_fully_for_an_identity() -> None:
     features, _ = _blobs(5000, seed=5)
     covariance = torch.cov(features.double().T)
