@@ -196,7 +196,8 @@ def read_request(conn: socket.socket) -> tuple[dict, list[int]]:
                 raise ValueError("launcher hung up mid-request")
             body += chunk
         request = json.loads(body[:size])
-        if not (isinstance(request, dict) and isinstance(request.get("argv"), list) and all(isinstance(a, str) for a in request["argv"])
+        if not (isinstance(request, dict) and isinstance(request.get("argv"), list)
+                and all(isinstance(a, str) for a in request["argv"])
                 and isinstance(request.get("env"), dict) and isinstance(request.get("cwd"), str)):
             raise ValueError("request without argv, env and cwd")
     except Exception:

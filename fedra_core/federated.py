@@ -57,7 +57,8 @@ def global_model(experiment: Experiment, cache: Path, num_classes: int, device: 
 
 
 def streams(node: Any, meta: Any) -> bool:
-    """Whether a node runs the full model block by block: its own ``max-layers`` (or memory budget) is below the depth."""
+    """Whether a node runs the full model block by block: its own ``max-layers`` (or memory budget) is below
+    the depth."""
     return node.own_max_layers is not None and node.own_max_layers < meta.num_layers
 
 
