@@ -104,12 +104,34 @@ def node_env(env: dict[str, str], num_nodes: int) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(threads))}
 
 
+def make_key_pair(keys: Path, name: str) -> None:
+    """``keys/name`` and ``keys/name.pub``: what ``deploy/make_keys.sh`` makes with ssh-keygen
+    (ECDSA P-384, OpenSSH format), made here with ``cryptography`` (a Flower dependency), so
+    that a host without an OpenSSH client runs the cluster too. An existing pair is kept."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private_path, public_path = keys / name, keys / f"{name}.pub"
+    if private_path.exists():
+        return
+    keys.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(private)
+    public_path.write_bytes(public + f" {name}\n".encode())
+
+
 def make_credentials(workdir: Path, node_names: Sequence[str]) -> tuple[Path, Path]:
     """CA + server certificate for the loopback addresses, and a key pair per node name."""
     certs, keys = workdir / "certs", workdir / "keys"
     subprocess.run(["bash", str(DEPLOY / "make_certs.sh"), str(certs), "127.0.0.1", SUPERLINK_NAME],
                    check=True, capture_output=True)
-    subprocess.run(["bash", str(DEPLOY / "make_keys.sh"), str(keys), *node_names], check=True, capture_output=True)
+    for name in node_names:
+        make_key_pair(keys, name)
     return certs, keys
 
 
@@ -350,6 +372,9 @@ def preflight(args: argparse.Namespace) -> str | None:
     if args.poll_interval and not 0.01 <= args.poll_interval <= 3:
         raise PreflightError(f"--poll-interval must be 0 (Flower's own waits) or 0.01..3 seconds, "
                              f"got {args.poll_interval}")
+    if shutil.which("openssl") is None:
+        raise PreflightError("openssl is not installed (Debian: apt-get install openssl); "
+                             "it makes the cluster's TLS certificates (deploy/make_certs.sh)")
     node_config = check_node_config(args.node_config)
     experiment = check_run(ROOT, parse_run_config(args.run_config), args.max_layers, node_config)
     if len(args.max_layers) != experiment.num_clients:

@@ -312,6 +312,10 @@ class TrainingConfig:
     device: str = "cpu"
     precision: str = "fp32"
     num_threads: int | None = None
+    # worker processes that load and collate batches beside training (DataLoader's num_workers):
+    # 0 loads them in the training process, on its critical path; a GPU node reading image
+    # files needs several to keep the GPU busy
+    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "training.rounds", self.rounds, "an integer >= 1")
@@ -326,6 +330,9 @@ class TrainingConfig:
                  f"one of {PRECISIONS}")
         _require(is_device_name(self.device), "training.device", self.device,
                  "'cpu', 'cuda' or 'cuda:N'")
+        _require(isinstance(self.loader_workers, int) and not isinstance(self.loader_workers, bool)
+                 and self.loader_workers >= 0, "training.loader_workers", self.loader_workers,
+                 "an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -541,6 +548,7 @@ class NodeLimits:
             ("training.local_epochs", training.local_epochs, self.max_local_epochs, "max-local-epochs"),
             ("data.num_classes", data.num_classes or 0, self.max_classes, "max-classes"),
             ("training.num_threads", training.num_threads or 0, self.max_threads, "max-threads"),
+            ("training.loader_workers", training.loader_workers, self.max_threads, "max-threads"),
         ]
         for key, value, limit, node_key in asked:
             if value > limit:

@@ -74,7 +74,7 @@ class GlobalModel:
         self.load(state)
         results = {}
         for name, dataset in test_sets.items():
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=self.device.type == "cuda")
             result = evaluate(self.model, loader, self.device, precision, self.classifiers)
             results[name] = {"loss": result.loss, "accuracy": result.accuracy, "num_examples": result.num_examples}
             if result.ensemble_accuracy is not None:

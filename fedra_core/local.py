@@ -2,14 +2,15 @@
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from fedra_core.backbone import AssemblyStats, read_meta
-from fedra_core.config import Experiment, NodeSettings
+from fedra_core.config import Experiment, NodeSettings, TrainingConfig
+from fedra_core.data.builtin import ImageTensorDataset
 from fedra_core.lora import State
 from fedra_core.methods import method_for
 from fedra_core.training import TrainResult, train_local
@@ -48,6 +49,68 @@ def build_submodel(experiment: Experiment, node: NodeSettings, layers: list[int]
     model = method.build(model, num_classes, read_meta(node.backbone_cache).num_layers, architecture).to(device)
     method.load_state(model, {k: v.to(device) for k, v in received.items()}, architecture)
     return model, stats
+
+
+class DeviceTensorBatches:
+    """Batches of an in-memory tensor data set gathered on the GPU.
+
+    The data set is copied to the device once per round and every batch is an index into
+    it: no per-sample collation, no pinned host copy per batch, nothing on the host between
+    two steps. The indices come from a DataLoader over positions with the sampler, generator
+    and ``drop_last`` of the ordinary loader, so the batches are the ones it would give, in
+    the same order.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], positions: DataLoader, device: torch.device) -> None:
+        self.tensors = tuple(t.to(device) for t in tensors)
+        self.positions = positions
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for index in self.positions:
+            index = index.to(self.device, non_blocking=True)
+            yield tuple(t[index] for t in self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def tensors_in_memory(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """The (images, labels) tensors of a plain in-memory tensor data set or a subset of one, else None.
+
+    Only data sets whose items are exactly rows of their tensors qualify (``TensorDataset``
+    and the built-in benchmark's ``ImageTensorDataset``), not subclasses that transform items.
+    """
+    indices = None
+    if isinstance(dataset, Subset):
+        dataset, indices = dataset.dataset, torch.as_tensor(list(dataset.indices), dtype=torch.long)
+    plain = type(dataset) is TensorDataset or type(dataset) is ImageTensorDataset
+    if not plain or len(dataset.tensors) != 2:
+        return None
+    return tuple(t if indices is None else t[indices] for t in dataset.tensors)
+
+
+def training_batches(train_set: Dataset, cfg: TrainingConfig, generator: torch.Generator,
+                     device: torch.device) -> Iterable:
+    """The round's batches: gathered on the GPU when the data are tensors that fit, else a DataLoader.
+
+    On CUDA, an in-memory tensor data set that takes at most a quarter of the device's free
+    memory goes to the device (``DeviceTensorBatches``), unless ``training.loader_workers``
+    asks for loader processes. Anything else loads through a DataLoader, with
+    ``loader_workers`` processes (a GPU node reading image files needs them) and pinned
+    memory on CUDA. Every way gives the same batches in the same order.
+    """
+    drop_last = len(train_set) > cfg.batch_size
+    if device.type == "cuda" and not cfg.loader_workers:
+        tensors = tensors_in_memory(train_set)
+        size = sum(t.numel() * t.element_size() for t in tensors) if tensors else None
+        if size is not None and size <= torch.cuda.mem_get_info(device)[0] // 4:
+            positions = DataLoader(range(len(train_set)), batch_size=cfg.batch_size, shuffle=True,
+                                   generator=generator, drop_last=drop_last)
+            return DeviceTensorBatches(tensors, positions, device)
+    return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last,
+                      pin_memory=device.type == "cuda", num_workers=cfg.loader_workers,
+                      prefetch_factor=4 if cfg.loader_workers else None)
 
 
 def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int],
@@ -91,8 +154,7 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(experiment.seed * 100_003 + server_round * 1009 + node.partition_id)
     cfg = experiment.training
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        drop_last=len(train_set) > cfg.batch_size, pin_memory=device.type == "cuda")
+    loader = training_batches(train_set, cfg, generator, device)
     setup = time.perf_counter() - start
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(generator.initial_seed()))  # LoRA dropout

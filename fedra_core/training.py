@@ -161,17 +161,22 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     paper does.
     """
     model.eval()
-    seen, correct, ensemble_correct, loss_sum = 0, 0, 0, 0.0
+    seen = 0
+    # summed on the device and read once at the end: no host-device sync per batch
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    ensemble_correct = torch.zeros((), device=device, dtype=torch.int64)
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, precision):
             outputs = classifiers(model, images) if classifiers else [model(images)]  # each (B, C)
         logits = outputs[-1].float()
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == labels).sum())
-        ensemble = torch.stack([o.float() for o in outputs]).mean(dim=0)  # (B, C)
-        ensemble_correct += int((ensemble.argmax(dim=1) == labels).sum())
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == labels).sum()
+        if classifiers:
+            ensemble = torch.stack([o.float() for o in outputs]).mean(dim=0)  # (B, C)
+            ensemble_correct += (ensemble.argmax(dim=1) == labels).sum()
         seen += labels.numel()
     count = max(seen, 1)
-    return EvalResult(loss_sum / count, correct / count, seen,
-                      ensemble_correct / count if classifiers else None)
+    return EvalResult(float(loss_sum) / count, int(correct) / count, seen,
+                      int(ensemble_correct) / count if classifiers else None)

@@ -475,3 +475,31 @@ def test_compose_file_validates() -> None:
                             capture_output=True, text=True, cwd=ROOT / "deploy", timeout=120)
 
     assert result.returncode == 0, result.stderr
+
+
+def test_credentials_need_no_openssh_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster's SuperNode keys come from Python: a host without ssh-keygen (a GPU image) runs it."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    tools = tmp_path / "bin"  # what make_certs.sh calls, and nothing else
+    tools.mkdir()
+    for tool in ("bash", "openssl", "mkdir", "chmod", "rm", "cat", "env"):
+        if shutil.which(tool):
+            (tools / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setenv("PATH", str(tools))
+
+    certs, keys = local_cluster.make_credentials(tmp_path / "cluster", ["node-0", "node-1"])
+
+    assert (certs / "ca.crt").is_file()
+    for name in ("node-0", "node-1"):
+        private = load_ssh_private_key((keys / name).read_bytes(), password=None)
+        public_text = (keys / f"{name}.pub").read_text()
+        assert public_text.startswith("ecdsa-sha2-nistp384 ") and public_text.rstrip().endswith(f" {name}")
+        public = load_ssh_public_key(public_text.encode())
+        assert isinstance(private.curve, ec.SECP384R1)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert (keys / name).stat().st_mode & 0o777 == 0o600
+    first = (keys / "node-0").read_bytes()
+    local_cluster.make_credentials(tmp_path / "cluster", ["node-0"])  # an existing pair is kept
+    assert (keys / "node-0").read_bytes() == first

@@ -245,6 +245,7 @@ def test_a_node_enforces_its_own_limits_whatever_the_method() -> None:
     ({"training": {"batch_size": 10_000_000}}, "training.batch_size = 10000000"),
     ({"training": {"local_steps": 1_000_000_000}}, "training.local_steps = 1000000000"),
     ({"training": {"num_threads": 512}}, "training.num_threads = 512"),
+    ({"training": {"loader_workers": 512}}, "training.loader_workers = 512"),
     ({"data": {"num_classes": 10_000_000}}, "data.num_classes = 10000000"),
 ])
 def test_a_task_beyond_the_nodes_limits_is_refused(values: dict, message: str) -> None:

@@ -124,3 +124,21 @@ def test_reference_targets_also_adapt_the_patch_embedding_as_a_shared_tensor(tin
     torch.testing.assert_close(new["blocks.4.mlp.fc2.lora_B.weight"],
                                state["blocks.4.mlp.fc2.lora_B.weight"] + deltas[0]["blocks.4.mlp.fc2.lora_B.weight"])
     load_trainable_state(server.model, new)  # the full model takes the averaged shared adapter
+
+
+def test_adapters_under_autocast_do_not_copy_activations_to_float32(tiny_vit_cache: Path) -> None:
+    """Under bf16 autocast an adapter sees the block's bf16 activation, not a float32 copy of it."""
+    model, _ = assemble(tiny_vit_cache, [0, 1], num_classes=3)
+    model = attach_lora(model, LoraSettings(rank=2, alpha=2, dropout=0.1), head_seed=0)
+    seen = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout.default"):
+            module.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 16, 16))
+    logits.float().sum().backward()
+
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for n, p in model.named_parameters() if "lora_A" in n)

@@ -44,6 +44,58 @@ def test_local_round_trains_only_what_was_sent_and_is_reproducible(tiny_vit_cach
     assert first.assembly.tensors_read < 40
 
 
+def test_loader_workers_train_on_the_same_batches(tiny_vit_cache: Path) -> None:
+    """Batches loaded by worker processes come in the training process's order: the same round."""
+    node = resolve_node(_experiment(tiny_vit_cache), {"partition-id": 1})
+    received = slice_state(GlobalModel.with_lora(tiny_vit_cache, 4, _experiment(tiny_vit_cache).backbone.lora)
+                           .initial_state(), [1, 4])
+
+    inline = run_local_round(_experiment(tiny_vit_cache), node, [1, 4], received, _toy_data(), 4, server_round=2)
+    workers = run_local_round(_experiment(tiny_vit_cache, loader_workers=2), node, [1, 4], received, _toy_data(), 4,
+                              server_round=2)
+
+    assert workers.result.num_examples == inline.result.num_examples == 96
+    assert all(torch.equal(inline.delta[k], workers.delta[k]) for k in inline.delta)
+
+
+def test_device_gathered_batches_are_the_loaders_batches() -> None:
+    """On CUDA an in-memory data set is gathered on the device: same batches, same order as the DataLoader."""
+    from torch.utils.data import DataLoader, Subset
+
+    from fedra_core.data.builtin import ImageTensorDataset
+    from fedra_core.local import DeviceTensorBatches, tensors_in_memory
+
+    full = ImageTensorDataset(torch.randn(50, 3, 4, 4), torch.arange(50) % 7)
+    subset = Subset(full, [3, 9, 4, 40, 22, 17, 8, 30, 31, 2, 11, 45, 6])
+
+    def batches(make) -> list:
+        generator = torch.Generator().manual_seed(11)
+        source = make(generator)
+        return [b for _ in range(3) for b in source]  # three epochs: the generator moves on
+
+    loader = batches(lambda g: DataLoader(subset, batch_size=4, shuffle=True, generator=g, drop_last=True))
+    gathered = batches(lambda g: DeviceTensorBatches(
+        tensors_in_memory(subset), DataLoader(range(len(subset)), batch_size=4, shuffle=True, generator=g,
+                                              drop_last=True), torch.device("cpu")))
+
+    assert len(loader) == len(gathered) == 9
+    for (images, labels), (d_images, d_labels) in zip(loader, gathered):
+        assert torch.equal(images, d_images) and torch.equal(labels, d_labels)
+
+    class Augmented(TensorDataset):  # items are not rows of the tensors: left to the DataLoader
+        def __getitem__(self, index: int) -> tuple:
+            return self.tensors[0][index].flip(-1), self.tensors[1][index]
+
+    assert tensors_in_memory(Augmented(torch.randn(4, 3, 4, 4), torch.arange(4))) is None
+    assert tensors_in_memory(TensorDataset(torch.randn(4, 3, 4, 4), torch.arange(4))) is not None
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True, "4"])
+def test_training_config_rejects_bad_loader_workers(workers: object) -> None:
+    with pytest.raises(ValueError, match="training.loader_workers"):
+        TrainingConfig(loader_workers=workers)
+
+
 def test_too_many_blocks_for_the_node_is_refused(tiny_vit_cache: Path) -> None:
     experiment = _experiment(tiny_vit_cache)
     node = resolve_node(experiment, {"partition-id": 1})  # holds 2
