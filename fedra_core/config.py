@@ -225,7 +225,8 @@ class StrategyConfig:
     # confidence: weighted per image by each one's top probability
     distill_teacher: str = "capacity"
     # block surrogates (fedra_core.surrogates), fedra and fedra-cover only: null (none), frozen (distilled
-    # once from the backbone) or redistill (the server re-distills them from the current global blocks)
+    # once from the backbone), redistill (the server re-distills them from the current global blocks) or
+    # tuned (clients train those in their skipped positions; the server averages each over its clients)
     surrogates: str | None = None
     surrogates_rank: int = 8  # width of each block's low-rank surrogate
     surrogates_every: int = 5  # redistill: re-distilled after every this many rounds
@@ -246,8 +247,8 @@ class StrategyConfig:
 
     def __post_init__(self) -> None:
         _require(self.method in method_names(), "strategy.method", self.method, f"one of {method_names()}")
-        _require(self.surrogates in (None, "frozen", "redistill"), "strategy.surrogates", self.surrogates,
-                 "null, 'frozen' or 'redistill'")
+        _require(self.surrogates in (None, "frozen", "redistill", "tuned"), "strategy.surrogates", self.surrogates,
+                 "null, 'frozen', 'redistill' or 'tuned'")
         _require(self.surrogates is None or method_class(self.method).surrogates_allowed, "strategy.surrogates",
                  self.surrogates, f"null for strategy.method {self.method!r} (surrogates stand in for the blocks "
                  f"a random sub-model skips: methods {surrogate_methods()})")

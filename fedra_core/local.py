@@ -160,7 +160,9 @@ def run_local_round(experiment: Experiment, node: NodeSettings, layers: list[int
         torch.manual_seed(int(generator.initial_seed()))  # LoRA dropout
         result = train_local(model, loader, cfg, device, loss_fn=method.loss(server_round))
     trained = method.trainable_state(model, architecture)
-    received, _ = method.split_received(received)  # the delta covers the trainable part only
+    received, extras = method.split_received(received)  # the delta covers the trainable part only,
+    if method.returns_extras:  # and what the method sent beside it when the client trains that too
+        received = {**received, **extras}
     delta = {k: (trained[k] - received[k].to(device)).cpu() for k in received}
     return LocalRound(delta, result, stats, setup)
 

@@ -190,8 +190,13 @@ class Method:
         return {}
 
     def extras(self, layers: Sequence[int], depth: int) -> "State":
-        """What a client holding ``layers`` is sent beside its trainable state (it sends none of it back)."""
+        """What a client holding ``layers`` is sent beside its trainable state (see ``returns_extras``)."""
         return {}
+
+    @property
+    def returns_extras(self) -> bool:
+        """Whether a client trains what ``extras`` sends it and returns its deltas too."""
+        return False
 
     def load_memory(self, memory: Mapping[str, Any]) -> None:
         """Continue from a checkpoint's memory (keys without ``memory_prefix``)."""
@@ -217,8 +222,10 @@ class FedRA(Method):
 
     With ``strategy.surrogates``, a client's sub-model runs a block surrogate in each
     skipped position (``fedra_core.surrogates``): ``frozen`` ones read from the cache's
-    file, or ``redistill`` ones the server re-distills from the current global blocks
-    every ``surrogates_every`` rounds and sends (its ``memory``, checkpointed).
+    file, ``redistill`` ones the server re-distills from the current global blocks
+    every ``surrogates_every`` rounds and sends (its ``memory``, checkpointed), or
+    ``tuned`` ones the server sends, the clients train beside their adapters and return,
+    and the server averages block by block (``returns_extras``).
     """
 
     name = "fedra"
@@ -231,7 +238,7 @@ class FedRA(Method):
             from fedra_core.surrogates import PREFIX, StandIns
 
             self.stand_ins = StandIns(experiment)
-            if self.stand_ins.redistill:
+            if self.stand_ins.sends:
                 self.memory_prefix = PREFIX  # type: ignore[misc]  # the server's current surrogates
 
     def assemble(self, cache_dir: "Path", layers: Sequence[int] | None, num_classes: int,
@@ -251,15 +258,33 @@ class FedRA(Method):
         return {} if self.stand_ins is None else self.stand_ins.prepare(cache_dir)
 
     def extras(self, layers: Sequence[int], depth: int) -> "State":
-        if self.stand_ins is None or not self.stand_ins.redistill:
+        if self.stand_ins is None or not self.stand_ins.sends:
             return {}
         return self.stand_ins.to_send(self.memory, layers, depth)
+
+    @property
+    def returns_extras(self) -> bool:
+        return self.stand_ins is not None and self.stand_ins.tuned
+
+    def load_state(self, model: "nn.Module", state: Mapping[str, "torch.Tensor"],
+                   architecture: str | None = None) -> None:
+        super().load_state(model, state, architecture)
+        if self.returns_extras and hasattr(model, "surrogates"):  # trained beside the adapters from here on
+            for param in model.surrogates.parameters():
+                param.requires_grad_(True)
 
     def aggregate(self, global_state: Mapping[str, "torch.Tensor"], deltas: Sequence[Mapping[str, "torch.Tensor"]],
                   weights: Sequence[float] | None, architectures: Sequence[str | None]
                   ) -> tuple["State", dict[str, Any]]:
+        if self.returns_extras:
+            from fedra_core.surrogates import PREFIX
+
+            extras = [{k: v for k, v in d.items() if k.startswith(PREFIX)} for d in deltas]
+            deltas = [{k: v for k, v in d.items() if not k.startswith(PREFIX)} for d in deltas]
         state, info = super().aggregate(global_state, deltas, weights, architectures)
-        if self.stand_ins is not None and self.stand_ins.redistill:
+        if self.returns_extras:
+            info = {**info, "surrogates": self.stand_ins.average(self.memory, extras, weights)}
+        elif self.stand_ins is not None and self.stand_ins.redistill:
             info = {**info, "surrogates": self.stand_ins.after_round(self.memory, state)}
         return state, info
 

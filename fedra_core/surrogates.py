@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 SURROGATES_FILE = "surrogates.safetensors"
 PREFIX = "surrogates."  # the tensors' names, in the file, on the wire and in a sub-model
-MODES = ("frozen", "redistill")
+MODES = ("frozen", "redistill", "tuned")
 _FORMAT = 1  # bump when the module or the distillation changes: every file is then rebuilt
 
 
@@ -456,12 +456,18 @@ class StandIns:
     the server keeps the current ones in the method's memory (starting from the file),
     re-distills them from the global blocks (backbone + adapters) every
     ``strategy.surrogates_every`` rounds and sends each client those it needs.
+    ``tuned``: the server keeps and sends them as for ``redistill``; each client trains
+    those it runs beside its adapters and returns their deltas, and the server averages
+    each block's surrogate over the clients that ran it (as FedRA averages a block's
+    adapters over the clients that held it).
     """
 
     def __init__(self, experiment: Any) -> None:
         self.experiment = experiment
         self.recipe = recipe_of(experiment.strategy)
         self.redistill = experiment.strategy.surrogates == "redistill"
+        self.tuned = experiment.strategy.surrogates == "tuned"
+        self.sends = self.redistill or self.tuned  # the server keeps the current ones and sends them
 
     # -------------------------------------------------------------- server
     def prepare(self, cache_dir: Path) -> dict[str, Any]:
@@ -501,6 +507,23 @@ class StandIns:
         return {"redistilled": True, "seconds": time.perf_counter() - start,
                 "relative_errors": [round(e, 4) for e in errors]}
 
+    def average(self, memory: dict[str, Any], deltas: Sequence[Mapping[str, torch.Tensor]],
+                weights: Sequence[float] | None) -> dict[str, Any]:
+        """``tuned``: each surrogate tensor plus the mean delta of the clients that ran it (FedRA's
+        masked average); a tensor whose new value is not finite keeps the old one."""
+        from fedra_core.aggregation import masked_average
+
+        if not memory:
+            self.to_send(memory, [], read_meta(self.experiment.backbone.cache_path).num_layers)
+        memory["rounds"] = memory["rounds"] + 1
+        current = {PREFIX + k: v for k, v in memory.items() if k != "rounds"}
+        averaged = masked_average(current, deltas, weights)
+        trained = {k for d in deltas for k in d if k in current}
+        kept = sorted(k for k in trained if not torch.isfinite(averaged[k]).all())
+        memory.update({k[len(PREFIX):]: averaged[k] for k in trained if k not in kept})
+        blocks = sorted({int(k[len(PREFIX):].split(".", 1)[0]) for k in trained})
+        return {"tuned_blocks": blocks, **({"not_finite_kept": kept} if kept else {})}
+
     # -------------------------------------------------------------- node
     @staticmethod
     def split(received: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -512,15 +535,15 @@ class StandIns:
              sent: Mapping[str, torch.Tensor]) -> tuple[nn.Module, Any]:
         """Put a surrogate in every skipped position of an assembled sub-model; the stats count what was read.
 
-        ``redistill``: the surrogates the server sent; ``frozen`` (or nothing sent): those
-        of the cache's file, of the skipped blocks only.
+        ``redistill`` and ``tuned``: the surrogates the server sent; ``frozen`` (or nothing
+        sent): those of the cache's file, of the skipped blocks only.
         """
         from fedra_core.backbone import AssemblyStats
 
         num_layers = read_meta(cache_dir).num_layers
         held = {int(name) for name, _ in model.blocks.named_children()}
         skipped = [i for i in range(num_layers) if i not in held]
-        if sent and not self.redistill:
+        if sent and not self.sends:
             raise SurrogateError(f"the task sends surrogates ({sorted(sent)[:2]}…) but strategy.surrogates is frozen")
         if not skipped and not sent:
             return model, stats  # the full model: nothing to stand in for

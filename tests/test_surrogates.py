@@ -164,8 +164,8 @@ def test_surrogates_are_no_trainable_state_and_get_no_gradient(fitted_cache: Pat
 
 
 @pytest.mark.parametrize(("strategy", "message"), [
-    ({"surrogates": "sometimes"}, "strategy.surrogates: 'sometimes' is not valid; expected null, 'frozen' or "
-                                  "'redistill'"),
+    ({"surrogates": "sometimes"}, "strategy.surrogates: 'sometimes' is not valid; expected null, 'frozen', "
+                                  "'redistill' or 'tuned'"),
     ({"surrogates": "frozen", "method": "first"}, "strategy.surrogates: 'frozen' is not valid; expected null for "
                                                   "strategy.method 'first'"),
     ({"surrogates": "frozen", "surrogates_rank": 0}, "strategy.surrogates_rank: 0 is not valid"),
@@ -211,6 +211,48 @@ def test_redistill_sends_the_skipped_blocks_surrogates_and_refreshes_them_every_
     assert set(extras) == set(server.extras([1, 4], 6)) and not any(k.startswith(PREFIX) for k in trainable)
     assert torch.equal(model.surrogates["0"].up.weight, server.memory["0.up.weight"])
     assert stats.bytes_read == assemble(fitted_cache, [1, 4], 7)[1].bytes_read  # none read from the file
+
+
+def test_tuned_surrogates_train_on_the_nodes_and_are_averaged_over_those_that_ran_them(fitted_cache: Path) -> None:
+    from torch.utils.data import TensorDataset
+
+    from fedra_core.config import NodeSettings
+    from fedra_core.evaluation import GlobalModel
+    from fedra_core.local import run_local_round
+
+    experiment = _experiment(fitted_cache, surrogates="tuned")
+    server = method_for(experiment)
+    state = GlobalModel(fitted_cache, 7, server).initial_state()
+    tasks = {0: [1, 4], 1: [0, 4]}  # block 0: run as a surrogate by node 0, held by node 1
+    deltas = []
+    for node_id, layers in tasks.items():
+        sent = {**server.sendable(state, layers), **server.extras(layers, 6)}
+        data = TensorDataset(torch.randn(32, 3, 16, 16), torch.arange(32) % 7)
+        node = NodeSettings(node_id, 2, 2, None, fitted_cache, "cpu")
+        delta = run_local_round(experiment, node, layers, sent, data, 7, server_round=1).delta
+        assert set(delta) == set(sent)  # the adapters' and the surrogates' deltas, nothing else
+        assert any(delta[k].abs().sum() > 0 for k in delta if k.startswith(f"{PREFIX}2."))
+        deltas.append(delta)
+    before = {k: v.clone() for k, v in server.memory.items()}
+
+    new_state, info = server.aggregate(state, deltas, None, [None, None])
+
+    assert set(new_state) == set(state)  # the surrogates stay out of the global state
+    assert info["surrogates"]["tuned_blocks"] == [0, 1, 2, 3, 5]
+    for block, runners in {"0": [0], "2": [0, 1], "1": [1]}.items():
+        key = f"{block}.down.weight"
+        mean = sum(deltas[i][PREFIX + key] for i in runners) / len(runners)
+        assert torch.allclose(server.memory[key], before[key] + mean, atol=1e-6)
+    assert torch.equal(server.memory["4.down.weight"], before["4.down.weight"])  # held by both: nobody ran it
+    assert server.returns_extras and server.memory_prefix == PREFIX
+
+    poisoned = [{**deltas[0], f"{PREFIX}3.up.bias": torch.full_like(deltas[0][f"{PREFIX}3.up.bias"], 3e38)},
+                {**deltas[1], f"{PREFIX}3.up.bias": torch.full_like(deltas[1][f"{PREFIX}3.up.bias"], 3e38)}]
+    server.memory["3.up.bias"] = torch.full_like(server.memory["3.up.bias"], 3e38)  # the sum overflows
+    kept = server.memory["3.up.bias"].clone()
+    _, info = server.aggregate(state, poisoned, None, [None, None])
+    assert info["surrogates"]["not_finite_kept"] == [f"{PREFIX}3.up.bias"]
+    assert torch.equal(server.memory["3.up.bias"], kept)
 
 
 def test_a_frozen_node_refuses_surrogates_sent_by_the_server(fitted_cache: Path) -> None:
@@ -279,10 +321,10 @@ def _simulate(tmp_path: Path, cache: Path, mode: str) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tiny_vit_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A frozen and a redistill run on one copy of the tiny cache, one after the other."""
+    """A frozen, a redistill and a tuned run on one copy of the tiny cache, one after the other."""
     tmp_path = tmp_path_factory.mktemp("sim-surrogates")
     cache = _copy(tiny_vit_cache, tmp_path)
-    return {mode: _simulate(tmp_path, cache, mode) for mode in ("frozen", "redistill")}
+    return {mode: _simulate(tmp_path, cache, mode) for mode in ("frozen", "redistill", "tuned")}
 
 
 def test_the_recipe_follows_the_strategy() -> None:
@@ -300,7 +342,7 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["frozen", "redistill"])
+@pytest.mark.parametrize("mode", ["frozen", "redistill", "tuned"])
 def test_a_simulation_with_surrogates_trains_and_records_them(runs: dict[str, Path], mode: str) -> None:
     import yaml
 
@@ -325,6 +367,17 @@ def test_redistill_refreshes_the_surrogates_and_sends_them(runs: dict[str, Path]
         assert plain["allocation"] == sent["allocation"]  # the same seed: the same sub-models
         for a, b in zip(plain["clients"], sent["clients"]):  # four skipped blocks' surrogates on top
             assert b["bytes_sent"] > a["bytes_sent"]
+
+
+def test_tuned_surrogates_come_back_from_the_clients_and_are_averaged(runs: dict[str, Path]) -> None:
+    frozen, tuned = _records(runs["frozen"]), _records(runs["tuned"])
+
+    for plain, trained in zip(frozen[1:], tuned[1:]):
+        assert plain["allocation"] == trained["allocation"]
+        assert trained["aggregation"]["surrogates"]["tuned_blocks"] == list(range(6))  # 6 clients x 4 skipped
+        for a, b in zip(plain["clients"], trained["clients"]):  # four skipped blocks' surrogates each way
+            assert b["status"] == "ok" and b["bytes_sent"] > a["bytes_sent"]
+            assert b["bytes_received"] > a["bytes_received"]
 
 
 def test_the_probe_evaluates_sub_models_with_and_without_surrogates(runs: dict[str, Path]) -> None:
