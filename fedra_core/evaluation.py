@@ -31,10 +31,13 @@ class GlobalModel:
         Blocks to assemble instead of the method's (the probe's sub-models).
     architecture : str, optional
         The backbone architecture the cache holds (heterogeneous methods).
+    extras : Mapping[str, Tensor], optional
+        What the method's server sends beside the state (a run's own block surrogates).
     """
 
     def __init__(self, cache_dir: Path, num_classes: int, method: Method, device: str = "cpu",
-                 layers: Sequence[int] | None = None, architecture: str | None = None) -> None:
+                 layers: Sequence[int] | None = None, architecture: str | None = None,
+                 extras: Mapping[str, torch.Tensor] | None = None) -> None:
         self.device = torch.device(device)
         self.method, self.architecture = method, architecture
         self.classifiers = method.classifiers()  # a method with several classifiers is also scored by their ensemble
@@ -44,7 +47,7 @@ class GlobalModel:
         seed = method.experiment.seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the adapters and the head start from the run's seed
-            model, _ = method.assemble(cache_dir, layers, num_classes, "cpu")  # FedRA's surrogates where skipped
+            model, _ = method.assemble(cache_dir, layers, num_classes, "cpu", extras)  # FedRA's surrogates
             model = method.build(model, num_classes, num_layers, architecture)
             self.model = model.to(self.device)
         self._initial = method.trainable_state(self.model, architecture)

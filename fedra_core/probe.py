@@ -6,9 +6,10 @@ the full model, through the first k blocks (what a depth-first client trains) an
 through random k-block sub-models (what a FedRA client trains), and prints a Markdown
 table. It shows, for instance, whether a backbone still works with blocks skipped, and
 how far a weak client's domain is learned at the depth that client trains.
-With ``--surrogates``, every shallow sub-model is also evaluated with the cache's block
-surrogates in its skipped positions (``fedra_core.surrogates``; distilled first when the
-cache has none), for runs of methods whose adapters are plain LoRA.
+With ``--surrogates``, every shallow sub-model is also evaluated with block surrogates in
+its skipped positions (``fedra_core.surrogates``), for runs of methods whose adapters are
+plain LoRA: the run's own final ones when it kept them (``redistill``, ``tuned``: from its
+checkpoint), else the cache's (distilled first when the cache has none).
 With ``--calibrate``, the method's global model is also evaluated with its head calibrated
 as the server's ``strategy.head_calibration: lda`` would set it after the run's last round
 (``fedra_core.calibration``), from every client's training images, read here: what
@@ -67,7 +68,9 @@ def probe_methods(experiment: Experiment, surrogates: bool = False) -> list[tupl
     """The probed methods with their row-label suffix: plain sub-models, and with surrogates if asked.
 
     The plain one has no surrogates even when the run trained with them; the other puts
-    the cache's frozen surrogates in the skipped positions.
+    surrogates in the skipped positions: the cache's frozen ones, or for a run whose
+    server kept its own (``redistill``, ``tuned``) a method of that mode, given them by
+    ``run_surrogates``.
     """
     strategy = experiment.strategy
     plain = [("", method_for(replace(experiment, strategy=replace(strategy, surrogates=None))))]
@@ -75,8 +78,25 @@ def probe_methods(experiment: Experiment, surrogates: bool = False) -> list[tupl
         return plain
     if method_class(strategy.method).build is not Method.build:
         raise ValueError(f"--surrogates: the adapters of method {strategy.method!r} are not plain LoRA")
-    stand_in = replace(experiment, strategy=replace(strategy, method="fedra", surrogates="frozen"))
+    mode = strategy.surrogates if strategy.surrogates in ("redistill", "tuned") else "frozen"
+    stand_in = replace(experiment, strategy=replace(strategy, method="fedra", surrogates=mode))
     return [*plain, (" + surrogates", method_for(stand_in))]
+
+
+def run_surrogates(output: RunOutput, experiment: Experiment) -> dict[str, torch.Tensor] | None:
+    """The final surrogates a ``redistill`` or ``tuned`` run's server kept (its checkpoint), or None."""
+    from fedra_core.records import CheckpointError
+    from fedra_core.surrogates import PREFIX
+
+    if experiment.strategy.surrogates not in ("redistill", "tuned"):
+        return None
+    try:
+        server_state = output.load_checkpoint().server_state
+    except CheckpointError as err:
+        raise ValueError(f"--surrogates: the run's own {experiment.strategy.surrogates} surrogates are in its "
+                         f"checkpoint, which cannot be read: {err}") from err
+    own = {k[len(PREFIX):]: v for k, v in server_state.items() if k.startswith(PREFIX)}
+    return own or None
 
 
 def calibrated(experiment: Experiment, meta: Any, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,12 +127,14 @@ def probe(run_dir: Path, depths: Sequence[int] = (3, 6, 9), draws: int = 3, seed
     sets, num_classes = test_sets(experiment, meta)
     state = load_file(str(adapters))
     methods = probe_methods(experiment, surrogates)
-    if surrogates:
+    own = run_surrogates(output, experiment) if surrogates else None
+    if surrogates and own is None:
         ensure_surrogates(experiment.backbone.cache_path, recipe_of(experiment.strategy))
     rows = []
     for label, layers in sub_models(meta.num_layers, depths, draws, seed):
         for suffix, method in methods[:1] if len(layers) == meta.num_layers else methods:
-            model = GlobalModel(experiment.backbone.cache_path, num_classes, method, layers=layers)
+            extras = method.stand_ins.to_send(dict(own), layers, meta.num_layers) if own and suffix else None
+            model = GlobalModel(experiment.backbone.cache_path, num_classes, method, layers=layers, extras=extras)
             results = model.evaluate(slice_state(state, layers), sets, experiment.training.eval_batch_size)
             rows.append(ProbeRow(label + suffix, tuple(layers), {d: 100 * r["accuracy"] for d, r in results.items()}))
     if calibrate:  # the method's own global model (all-small's is shallow), after "all blocks"

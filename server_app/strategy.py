@@ -313,8 +313,10 @@ class FedRA(Strategy):
         for row, node in enumerate(nodes):
             layers = layers_of(matrix, row)
             pending.sent[node.node_id] = self.method.sendable(state, layers, node.architecture, node.depth)
-            extras = self.method.extras(layers, node.depth or self.num_layers)  # surrogates: sent, not returned
+            extras = self.method.extras(layers, node.depth or self.num_layers)  # surrogates
             record = to_record({**pending.sent[node.node_id], **extras}, self.cfg.wire_dtype)
+            if self.method.returns_extras:  # tuned surrogates: their deltas come back with the adapters'
+                pending.sent[node.node_id] = {**pending.sent[node.node_id], **extras}
             pending.bytes_sent[node.node_id] = serialized_bytes(record)
             cfg = ConfigRecord({**config, "server-round": pending.server_round, "layers": layers,
                                 "wire-dtype": self.cfg.wire_dtype, "experiment": self._experiment_json,

@@ -391,6 +391,28 @@ def test_the_probe_evaluates_sub_models_with_and_without_surrogates(runs: dict[s
     assert "first 2 + surrogates" in probe.probe_table(rows)
 
 
+def test_the_probe_of_a_tuned_run_uses_the_surrogates_its_server_kept(runs: dict[str, Path]) -> None:
+    from fedra_core import probe
+    from fedra_core.records import RunOutput
+    from fedra_core.surrogates import to_state
+
+    output = RunOutput(runs["tuned"])
+    experiment = output.read_config()
+    own = probe.run_surrogates(output, experiment)
+    from_file = to_state(load_surrogates(experiment.backbone.cache_path, range(6), 8)[0])
+
+    assert {PREFIX + k for k in own if k != "rounds"} == set(from_file)
+    assert any(not torch.equal(own[k[len(PREFIX):]], v) for k, v in from_file.items())  # two rounds of tuning
+    assert probe.run_surrogates(RunOutput(runs["frozen"]), RunOutput(runs["frozen"]).read_config()) is None
+    method = probe.probe_methods(experiment, surrogates=True)[1][1]
+    model = probe.GlobalModel(experiment.backbone.cache_path, 10, method, layers=[1, 3],
+                              extras=method.stand_ins.to_send(dict(own), [1, 3], 6))
+    assert torch.equal(model.model.surrogates["4"].up.weight, own["4.up.weight"])
+    rows = probe.probe(runs["tuned"], depths=[2], draws=1, surrogates=True)
+    assert [r.label for r in rows] == ["all blocks", "first 2", "first 2 + surrogates", "random 2",
+                                       "random 2 + surrogates"]
+
+
 def test_the_probe_of_a_surrogate_run_also_evaluates_plain_sub_models(fitted_cache: Path) -> None:
     from fedra_core.probe import probe_methods
 
