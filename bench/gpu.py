@@ -3,9 +3,10 @@
 1. Training: the project's local round (``run_local_round``, the code the ClientApp and the
    node's worker run) against a bare timm + peft loop written here with the same sub-model
    (same blocks, same weights, LoRA on the same modules, trainable head), the same AdamW,
-   clipping, bf16 autocast and the same DataLoader of the same batches; the project's round
-   again with ``training.loader_workers`` (batches loaded by worker processes beside training);
-   and the bare loop with every batch already on the GPU (the ceiling: what data loading costs).
+   clipping, bf16 autocast and a DataLoader of the same batches (the project's round gathers
+   them on the GPU: same batches, same order); the bare loop with every batch already on the
+   GPU (what data loading costs it); and the project's round with ``training.loader_workers``
+   (batches collated by worker processes instead).
    For k = 3, 6 and 12 blocks: images/s, the ratio project / bare, and the achieved TFLOP/s
    (FLOPs of one training step counted by ``torch.utils.flop_counter``) against the GPU's
    measured bf16 matrix rate (an 8192^3 product) and its datasheet peak.
@@ -14,7 +15,7 @@
 3. Assembly onto the GPU: time and device memory of ``assemble`` for k = 3 and k = 12 against
    ``timm.create_model`` + ``load_state_dict`` + ``.cuda()``.
 
-    python bench/gpu.py [--batch 128] [--steps 40] [--repeat 3] [--json FILE]
+    python bench/gpu.py [--batch 128] [--steps 40] [--repeat 3] [--files 768] [--profile 12] [--json FILE]
 
 On a machine without CUDA it runs the same code on the CPU with ``--device cpu`` (tiny
 settings only make sense there: ``--batch 4 --steps 2 --blocks 3``), to check the script.
