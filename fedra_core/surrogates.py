@@ -486,11 +486,15 @@ class StandIns:
         skipped = {str(i) for i in range(depth) if i not in set(layers)}
         return {PREFIX + k: v for k, v in memory.items() if k.split(".", 1)[0] in skipped}
 
-    def after_round(self, memory: dict[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """Count the round; every ``surrogates_every`` rounds, re-distill from the new global blocks."""
+    def _count_round(self, memory: dict[str, Any]) -> None:
+        """Count a round in ``memory``, filling it from the cache's file first when empty."""
         if not memory:
             self.to_send(memory, [], read_meta(self.experiment.backbone.cache_path).num_layers)
         memory["rounds"] = memory["rounds"] + 1
+
+    def after_round(self, memory: dict[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Count the round; every ``surrogates_every`` rounds, re-distill from the new global blocks."""
+        self._count_round(memory)
         if int(memory["rounds"]) % self.experiment.strategy.surrogates_every:
             return {"redistilled": False}
         start = time.perf_counter()
@@ -513,9 +517,7 @@ class StandIns:
         masked average); a tensor whose new value is not finite keeps the old one."""
         from fedra_core.aggregation import masked_average
 
-        if not memory:
-            self.to_send(memory, [], read_meta(self.experiment.backbone.cache_path).num_layers)
-        memory["rounds"] = memory["rounds"] + 1
+        self._count_round(memory)
         current = {PREFIX + k: v for k, v in memory.items() if k != "rounds"}
         averaged = masked_average(current, deltas, weights)
         trained = {k for d in deltas for k in d if k in current}
