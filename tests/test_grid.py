@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from flower_messages import StaticGrid, run_identity  # noqa: F401 - autouse fixture
 from server_app import grid as grid_module
+from fedra_core.polling import next_pause
 from server_app.grid import PromptGrid
 
 
@@ -58,3 +59,72 @@ def test_a_timeout_returns_the_replies_that_arrived(waits: list[float]) -> None:
     transport = QueuedReplies([1, 10 ** 6])
     replies = list(PromptGrid(transport).send_and_receive(_messages(2), timeout=0.0))
     assert [r.content["config"]["i"] for r in replies] == [0] and transport.pulled == 1
+
+
+class Clock:
+    """Stands in for the ``time`` module in the grid: ``sleep`` moves ``monotonic`` on."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class TimedReplies(QueuedReplies):
+    """A grid whose node ``i`` has replied once the clock reads ``at[i]`` seconds after the push."""
+
+    def __init__(self, clock: Clock, count: int) -> None:
+        super().__init__([0] * count)
+        self.clock, self.at, self.pushed_at = clock, [0.0] * count, 0.0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self.pushed_at = self.clock.now
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulled += 1
+        wanted, elapsed = set(message_ids), self.clock.now - self.pushed_at
+        return [Message(RecordDict({"config": ConfigRecord({"i": i})}), reply_to=m)
+                for i, m in enumerate(self.sent) if self.at[i] <= elapsed and m.metadata.message_id in wanted]
+
+
+def _exchange(grid: PromptGrid, transport: TimedReplies, clock: Clock, at: list[float],
+              kind: str = "train") -> tuple[float, int]:
+    """One exchange whose replies arrive at ``at``: (seconds from the last arrival to its collection, pulls)."""
+    transport.at, pulls = at, transport.pulled
+    messages = _messages(len(at))
+    for message in messages:
+        message.metadata.__dict__["_message_type"] = kind
+    start = clock.now
+    replies = list(grid.send_and_receive(messages, timeout=None))
+    assert len(replies) == len(at)
+    return clock.now - start - max(at), transport.pulled - pulls
+
+
+def test_the_last_reply_is_collected_promptly_when_an_exchange_takes_as_long_as_the_last(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(grid_module, "time", clock)
+    transport = TimedReplies(clock, 3)
+    grid = PromptGrid(transport)
+    late, first_pulls = _exchange(grid, transport, clock, [0.7, 1.9, 3.03])
+    assert late > 0.2  # the growing wait: pulls 0.5 s apart by then
+    late, pulls = _exchange(grid, transport, clock, [0.6, 2.0, 3.1])  # about as long: short pulls near the end
+    assert late <= grid_module.NEAR_WAIT + 1e-9 and pulls <= first_pulls + 14
+    late, _ = _exchange(grid, transport, clock, [0.5, 1.0, 7.5])  # much slower: the growing wait again
+    assert late <= grid_module.MAX_WAIT + 1e-9
+    late, _ = _exchange(grid, transport, clock, [0.2, 0.4], kind="evaluate")  # another kind: nothing known
+    assert late <= 0.2
+
+
+def test_pauses_never_sleep_into_the_window_and_grow_after_it() -> None:
+    expected, near = 3.0, grid_module.NEAR_WAIT
+    assert next_pause(0.0, 0.1, None, near) == 0.1
+    assert next_pause(2.2, 0.5, expected, near) == pytest.approx(0.2)  # up to 0.8 x 3.0 s, not past it
+    assert next_pause(2.5, 0.5, expected, near) == near
+    assert next_pause(4.0, 0.5, expected, near) == 0.5
+    assert next_pause(2.39, 0.5, expected, near) == near  # never a pause shorter than that
