@@ -1,11 +1,12 @@
 """Deployment round time against simulation round time, with and without the warm node worker.
 
 The same 3-client experiment (deploy/cluster.yaml: capacities 12, 6, 3 on the built-in
-backbone) runs five ways, one after the other on this machine:
+backbone) runs six ways, one after the other on this machine:
 
 1. in Flower's simulation engine (``deploy/simulate.py``),
 2. on a local TLS cluster (``deploy/local_cluster.py``: SuperLink, proxy, 3 SuperNodes)
-   with the warm worker and the ClientApp fork server (the defaults),
+   with the warm worker, the ClientApp fork server and each node on its share of the
+   cores (the defaults), with every node on every core (``--no-pin-cores``),
    and with the worker but a fresh ``flwr-clientapp`` process per message (``--no-fork-server``),
 3. on the same cluster with Flower's own SuperNode (``--poll-interval 0``: it waits 3 s
    between asks for messages when idle, its SuperExec 1 s between asks for tasks),
@@ -45,6 +46,8 @@ def run(kind: str, out: Path, rounds: int, poll: float = 0.2) -> list[dict]:
             command += ["--node-config", "worker='off'"]
         if kind == "no-fork-server":
             command += ["--no-fork-server"]
+        if kind == "no-pin":
+            command += ["--no-pin-cores"]
         command += ["--poll-interval", "0" if kind == "flower-waits" else str(poll)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
     path = out / kind / "rounds.jsonl"
@@ -66,16 +69,18 @@ def summary(records: list[dict]) -> dict[str, float]:
 
 
 def main() -> None:
-    """Run the five ways and print the table."""
+    """Run the six ways (or those --only names, and the simulation) and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--poll-interval", type=float, default=0.2,
                         help="the SuperNodes' longest wait between polls in the cluster runs (local_cluster.py's)")
-    parser.add_argument("--only", nargs="+", choices=["worker-on", "no-fork-server", "flower-waits", "worker-off"],
+    parser.add_argument("--only", nargs="+",
+                        choices=["worker-on", "no-pin", "no-fork-server", "flower-waits", "worker-off"],
                         help="cluster runs to make (default all; the simulation always runs)")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="fedra-deploy-round-"))
     kinds = {"simulation": "simulation", "cluster, worker on": "worker-on",
+             "cluster, worker on, every node on every core": "no-pin",
              "cluster, worker on, fresh ClientApp processes": "no-fork-server",
              "cluster, worker on, Flower's 3 s / 1 s polls": "flower-waits", "cluster, worker off": "worker-off"}
     kinds = {label: kind for label, kind in kinds.items() if kind == "simulation" or not args.only or kind in args.only}

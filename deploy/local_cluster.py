@@ -15,6 +15,9 @@ The same steps a deployment on real machines takes, shown on one host:
    --auth-supernode-private-key <node> --node-config "partition-id=i num-partitions=N
    max-layers=k ..."`` per node; the launcher waits until every node is online at the
    SuperLink and stops, naming the node and its log's last words, if one exits first.
+   Each node (its SuperExec, ClientApps and worker with it) runs on its own share of
+   this host's cores, in proportion to the blocks it holds, as on devices of different
+   sizes (``--no-pin-cores``: every node on every core).
 6. ``flwr run . cluster --stream``; the run's final status is read back from the
    SuperLink and printed in one line, the cause of a failure included.
 
@@ -93,15 +96,42 @@ def tool_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def node_env(env: dict[str, str], num_nodes: int) -> dict[str, str]:
-    """A SuperNode's environment on a shared host: its share of the cores for torch.
+def node_env(env: dict[str, str], threads: int) -> dict[str, str]:
+    """A SuperNode's environment on a shared host: ``threads`` for torch (its share of the cores).
 
     On its own device a ClientApp may use every core; N nodes on one host each using
     every core oversubscribe it many times over (Flower's simulation gives each client
     one core for the same reason). ``OMP_NUM_THREADS`` set by the user wins.
     """
-    threads = max(1, len(os.sched_getaffinity(0)) // max(1, num_nodes))
-    return {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(threads))}
+    return {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, threads)))}
+
+
+def split_cores(cores: Sequence[int], weights: Sequence[int]) -> list[list[int]]:
+    """The cores of each of the nodes sharing this host, in proportion to ``weights`` (their blocks).
+
+    A node holding 12 blocks trains four times the work of one holding 3, and a round
+    waits for the slowest node: on one host, the cores go where the work is, as they
+    would on devices of different sizes. With more cores than nodes every node gets at
+    least one and the rest go by largest remainder; with as many or fewer, the heaviest
+    node first takes the least loaded core, and lighter nodes share one.
+    """
+    cores, count = sorted(cores), len(weights)
+    if count == 0:
+        return []
+    if len(cores) <= count:
+        load = [0] * len(cores)
+        out: list[list[int]] = [[] for _ in weights]
+        for i in sorted(range(count), key=lambda i: -weights[i]):
+            least = min(range(len(cores)), key=lambda c: load[c])
+            load[least] += weights[i]
+            out[i] = [cores[least]]
+        return out
+    shares = [len(cores) * w / sum(weights) for w in weights]
+    given = [1] * count
+    for _ in range(len(cores) - count):
+        given[max(range(count), key=lambda i: shares[i] - given[i])] += 1
+    starts = [sum(given[:i]) for i in range(count)]
+    return [cores[start:start + n] for start, n in zip(starts, given)]
 
 
 def make_key_pair(keys: Path, name: str) -> None:
@@ -148,16 +178,23 @@ def _end_with_launcher() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
-def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def spawn(command: list[str], log_path: Path, env: dict[str, str],
+          cores: Sequence[int] | None = None) -> subprocess.Popen:
     """Start ``command`` in its own session (so its children stop with it), output to a log.
 
     The process gets SIGTERM if this launcher dies without cleaning up (``kill -9``);
     a SIGHUP for the terminal's process group does not reach it, the launcher stops it.
+    With ``cores`` it and every process it starts run on those CPUs only.
     """
+    def before_exec() -> None:
+        _end_with_launcher()
+        if cores:
+            os.sched_setaffinity(0, cores)
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True, preexec_fn=_end_with_launcher)
+                                start_new_session=True, preexec_fn=before_exec)
 
 
 def start_superlink(workdir: Path, port: int, certs: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -269,13 +306,14 @@ def check_node_config(extra: str) -> dict[str, object]:
 
 def start_supernode(workdir: Path, name: str, superlink: int | str, config: str, env: dict[str, str],
                     ca_cert: Path | None, private_key: Path | None, poll: float | None = None,
-                    fork_server: bool = True) -> subprocess.Popen:
+                    fork_server: bool = True, cores: Sequence[int] | None = None) -> subprocess.Popen:
     """``flower-supernode`` with its own free runtime port; no CA or key when given None.
 
     ``superlink`` is the Fleet API's address (the proxy's), or a port on 127.0.0.1. With
     ``poll`` the node is ``python -m client_app.supernode`` (Flower's SuperNode, its
     polling waits capped at ``poll`` seconds, its ClientApp processes forked from a warm
-    server unless not ``fork_server``); without, Flower's own command.
+    server unless not ``fork_server``); without, Flower's own command. With ``cores`` the
+    node, its SuperExec, ClientApps and worker run on those CPUs only.
     """
     address = f"127.0.0.1:{superlink}" if isinstance(superlink, int) else superlink
     program = ["flower-supernode"] if poll is None else [
@@ -286,7 +324,7 @@ def start_supernode(workdir: Path, name: str, superlink: int | str, config: str,
         command += ["--root-certificates", str(ca_cert)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
-    return spawn(command, workdir / "logs" / f"{name}.log", env)
+    return spawn(command, workdir / "logs" / f"{name}.log", env, cores)
 
 
 def node_failure(name: str, process: subprocess.Popen, workdir: Path) -> str:
@@ -367,8 +405,9 @@ def parse_max_layers(text: str) -> list[int | None]:
     return values
 
 
-def preflight(args: argparse.Namespace) -> str | None:
-    """Everything checked before a process starts; returns the nginx binary (None without the proxy)."""
+def preflight(args: argparse.Namespace) -> tuple[str | None, list[int]]:
+    """Everything checked before a process starts; the nginx binary (None without the proxy) and the
+    blocks each node holds (its ``--max-layers``, else its client's capacity in the experiment)."""
     if args.poll_interval and not 0.01 <= args.poll_interval <= 3:
         raise PreflightError(f"--poll-interval must be 0 (Flower's own waits) or 0.01..3 seconds, "
                              f"got {args.poll_interval}")
@@ -380,21 +419,24 @@ def preflight(args: argparse.Namespace) -> str | None:
     if len(args.max_layers) != experiment.num_clients:
         raise PreflightError(f"--max-layers starts {len(args.max_layers)} SuperNodes but the experiment has "
                              f"{experiment.num_clients} clients (clients.capacities): one node per client")
+    blocks = [own if own is not None else experiment.clients.capacities[i] for i, own in enumerate(args.max_layers)]
     if not args.proxy:
-        return None
+        return None, blocks
     nginx = find_nginx()
     if nginx is None:
         raise PreflightError("nginx is not installed (Debian: apt-get install nginx); "
                              "--no-proxy connects the nodes to the SuperLink directly")
-    return nginx
+    return nginx, blocks
 
 
 def start_cluster(workdir: Path, args: argparse.Namespace, nginx: str | None, env: dict[str, str],
-                  processes: dict[str, subprocess.Popen]) -> dict[str, subprocess.Popen]:
+                  processes: dict[str, subprocess.Popen], blocks: Sequence[int] = ()) -> dict[str, subprocess.Popen]:
     """Credentials, the SuperLink, the proxy (unless ``nginx`` is None), registered SuperNodes.
 
-    Every process goes into ``processes`` as soon as it exists (the caller stops them);
-    returns the SuperNodes by name.
+    With ``args.pin_cores`` each node runs on its share of this host's cores, in proportion
+    to the ``blocks`` it holds (``split_cores``); otherwise each may use every core, with
+    an equal share of them as torch threads. Every process goes into ``processes`` as soon
+    as it exists (the caller stops them); returns the SuperNodes by name.
     """
     names = [f"node-{i}" for i in range(len(args.max_layers))]
     certs, keys = make_credentials(workdir, names)
@@ -410,13 +452,17 @@ def start_cluster(workdir: Path, args: argparse.Namespace, nginx: str | None, en
         wait_for_port(int(fleet.rsplit(":", 1)[1]), processes["proxy"], log=workdir / "logs" / "proxy-error.log")
         say(f"Fleet API for the SuperNodes: https://{fleet} (nginx, {config}); "
             f"SuperLink (Control API) on 127.0.0.1:{port} only")
-    for i, (name, capacity) in enumerate(zip(names, args.max_layers)):
+    host = sorted(os.sched_getaffinity(0))
+    pinned = split_cores(host, list(blocks) or [1] * len(names)) if args.pin_cores else [None] * len(names)
+    for i, (name, capacity, cores) in enumerate(zip(names, args.max_layers, pinned)):
         register(keys / f"{name}.pub", env)
         config_text = node_config(i, len(names), capacity, args.node_config)
-        processes[name] = start_supernode(workdir, name, fleet, config_text, node_env(env, len(names)),
+        threads = len(cores) if cores else len(host) // len(names)
+        processes[name] = start_supernode(workdir, name, fleet, config_text, node_env(env, threads),
                                           certs / "ca.crt", keys / name, poll=args.poll_interval or None,
-                                          fork_server=args.fork_server)
-        say(f"{name}: --node-config \"{config_text}\" (log {workdir / 'logs' / name}.log)")
+                                          fork_server=args.fork_server, cores=cores)
+        on = f", cores {','.join(map(str, cores))}" if cores else ""
+        say(f"{name}: --node-config \"{config_text}\"{on} (log {workdir / 'logs' / name}.log)")
     (workdir / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}, indent=1))
     return {name: processes[name] for name in names}
 
@@ -438,13 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fork-server", dest="fork_server", action="store_false",
                         help="every ClientApp a fresh process (default: forked from a server per node that has "
                              "imported Flower; client_app/forkserver.py)")
+    parser.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
+                        help="run each SuperNode (its ClientApps, its worker) on its own share of this host's cores, "
+                             "in proportion to the blocks it holds (default on; off: every node on every core)")
     parser.add_argument("--no-proxy", dest="proxy", action="store_false",
                         help="no nginx: the SuperNodes connect to the SuperLink's own port (all its APIs)")
     args = parser.parse_args(argv)
     stop_on_signals()
 
     try:
-        nginx = preflight(args)
+        nginx, blocks = preflight(args)
     except PreflightError as err:
         say(f"local_cluster.py: {one_line(str(err))}", error=True)
         return 2
@@ -455,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     env = tool_env(workdir / "flwr-home")
     processes: dict[str, subprocess.Popen] = {}
     try:
-        nodes = start_cluster(workdir, args, nginx, env, processes)
+        nodes = start_cluster(workdir, args, nginx, env, processes, blocks)
         wait_for_nodes(nodes, workdir, env)
         code, line = run_app(args.run_config, env)
         gone = [node_failure(n, p, workdir) for n, p in nodes.items() if p.poll() is not None]

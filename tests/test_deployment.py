@@ -58,7 +58,7 @@ class Cluster:
 
     def start_node(self, name: str, config: str, ca: bool = True, key: str | None = None) -> subprocess.Popen:
         process = local_cluster.start_supernode(self.workdir, name, self.port, config,
-                                                local_cluster.node_env(self.env, 3),
+                                                local_cluster.node_env(self.env, 1),
                                                 self.certs / "ca.crt" if ca else None, self.keys / (key or name))
         self.processes[name] = process
         return process

@@ -3,7 +3,9 @@
 The logs below are the ends of real ones (colour codes included) from Flower 1.41.
 """
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -101,3 +103,34 @@ def test_free_ports_lie_below_the_range_outgoing_connections_take() -> None:
     assert all(port in simulate.FIXED_PORTS and not low <= port <= high for port in ports)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", ports[0]))  # free when returned
+
+
+def test_the_cores_go_to_the_nodes_in_proportion_to_the_blocks_they_hold() -> None:
+    import local_cluster  # pylint: disable=import-outside-toplevel
+
+    split = local_cluster.split_cores
+    assert split([0, 1], [12, 6, 3]) == [[0], [1], [1]]  # the 12-block node alone on a core; 6 + 3 share the other
+    assert split([0, 1, 2], [12, 6, 3]) == [[0], [1], [2]]
+    assert split(list(range(16)), [12, 6, 3]) == [list(range(9)), list(range(9, 14)), [14, 15]]
+    shares = split(list(range(16)), [12, 10, 8, 6, 4, 3])  # the default experiment on 16 cores
+    assert [len(s) for s in shares] == [4, 4, 3, 2, 2, 1] and sorted(sum(shares, [])) == list(range(16))
+    assert split([0], [3, 12]) == [[0], [0]] and split([5, 7], []) == []
+
+
+def test_a_pinned_process_and_its_children_run_on_its_cores_only(tmp_path: Path) -> None:
+    import local_cluster  # pylint: disable=import-outside-toplevel
+
+    core = sorted(os.sched_getaffinity(0))[-1]
+    process = local_cluster.spawn(["sh", "-c", "sleep 30 & wait"], tmp_path / "log", {"PATH": "/usr/bin:/bin"}, [core])
+    try:
+        deadline = time.monotonic() + 10
+        children: list[str] = []
+        while not children and time.monotonic() < deadline:
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            time.sleep(0.05)
+        for pid in [process.pid, *map(int, children)]:
+            status = Path(f"/proc/{pid}/status").read_text()
+            assert f"Cpus_allowed_list:\t{core}\n" in status, pid
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the shell and its sleep: a session of their own
+        process.wait()
