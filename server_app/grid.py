@@ -12,6 +12,11 @@ round's last reply is collected within about 0.05 s of arriving instead of 0.25 
 average, at the cost of a few more pulls near the expected end. A wrong guess costs
 nothing but those pulls: outside that window the growing wait applies.
 
+Flower's ServerApp, finding a reply whose parts the node has not finished pushing to
+the SuperLink, waits 1 s, 2 s, ... before asking for them again; a deployed ServerApp
+asks again after 0.02 s, doubling up to 0.2 s (``client_app.forkserver.prompt_pulls``,
+as the ClientApps do). That wait had cost 1-2 s in about one round of three.
+
 It also packs every message's arrays into one array (``fedra_core.wire.pack``): Flower
 sends each array of a record as its own object, one request each between a SuperNode
 and the SuperLink, and a task of 75 arrays took seconds each way through the TLS proxy.
@@ -25,6 +30,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
+from client_app.forkserver import prompt_pulls
 from fedra_core.polling import next_pause
 from fedra_core.wire import PACKED, PACKED_STYPE, is_packed, pack
 
@@ -38,6 +44,7 @@ class PromptGrid(Grid):
     """Every call goes to ``grid``; ``send_and_receive`` pulls replies with a short, growing wait."""
 
     def __init__(self, grid: Grid, first_wait: float = FIRST_WAIT, max_wait: float = MAX_WAIT) -> None:
+        prompt_pulls()  # this process's pulls of a reply's parts: again after 0.02 s, not 1 s
         self._grid = grid
         self.first_wait, self.max_wait = first_wait, max_wait
         self.pulls = 0  # pull requests made, for tests and logs

@@ -1,6 +1,10 @@
 """The deployed run's grid: replies collected as they arrive, with a wait that grows to 0.5 s."""
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -9,6 +13,18 @@ from flower_messages import StaticGrid, run_identity  # noqa: F401 - autouse fix
 from server_app import grid as grid_module
 from fedra_core.polling import next_pause
 from server_app.grid import PromptGrid
+
+
+@pytest.fixture(autouse=True)
+def flowers_pull_waits() -> Iterable[None]:
+    """A PromptGrid shortens Flower's waits for missing parts in its process: put them back after each test."""
+    from flwr.supercore.inflatable import inflatable_utils  # pylint: disable=import-outside-toplevel
+
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__ or {}) for f in functions]
+    yield
+    for function, defaults in zip(functions, saved):
+        function.__kwdefaults__ = defaults
 
 
 class QueuedReplies(StaticGrid):
@@ -128,3 +144,15 @@ def test_pauses_never_sleep_into_the_window_and_grow_after_it() -> None:
     assert next_pause(2.5, 0.5, expected, near) == near
     assert next_pause(4.0, 0.5, expected, near) == 0.5
     assert next_pause(2.39, 0.5, expected, near) == near  # never a pause shorter than that
+
+
+def test_a_deployed_serverapp_asks_again_for_a_replys_missing_part_within_a_fraction_of_a_second() -> None:
+    """Flower's ServerApp waits 1 s before asking again for a part a node has not pushed yet; with the grid, 0.02 s."""
+    code = ("from flwr.supercore.inflatable import inflatable_utils as u; from server_app.grid import PromptGrid; "
+            "from flower_messages import StaticGrid; before = u.pull_objects.__kwdefaults__['initial_backoff']; "
+            "PromptGrid(StaticGrid([1])); after = u.pull_objects.__kwdefaults__; "
+            "print(before, after['initial_backoff'], after['backoff_cap'], after['max_time'])")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])})
+    assert result.stdout.split() == ["1", "0.02", "0.2", "7200"]
