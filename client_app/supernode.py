@@ -18,11 +18,6 @@ to ``flower-supernode`` as given:
 
     python -m client_app.supernode --poll-interval 0.2 --superlink HOST:9092 ...
 
-The idle node also remembers how long it waited from pushing its last reply to its
-next task, and asks every 0.05 s in a window around that time (``fedra_core.polling``):
-in a federation whose rounds are alike the next task is seen within about 0.05 s instead
-of 0.1 s on average, for a few more requests per round.
-
 The cost is more idle requests to the SuperLink (one per node every ``--poll-interval``
 seconds instead of every 3 s): right for a handful of nodes, not for thousands. The waits
 are found in Flower's module; if a Flower version no longer has them the command says so
@@ -42,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from client_app import forkserver
-from fedra_core.polling import next_pause
 
 FORKSERVER = Path(forkserver.__file__).resolve()  # run by path: the server must not import the app's packages
 
@@ -54,7 +48,6 @@ DEFAULT_POLL = 0.2
 
 
 LOCAL_WAIT = 0.02  # the SuperNode's looks into its own state (a reply ready?): in memory, cheap
-NEAR_POLL = 0.05  # its asks to the SuperLink around the time the next task is expected
 NODE_PULL_WAIT = 0.05  # its first wait for a task's part the ServerApp has not pushed yet (Flower's: 1 s)
 
 
@@ -63,52 +56,16 @@ class ShortWaits:
 
     Its waits of a second or more are between asks to the SuperLink (capped at ``cap``);
     the shorter ones (0.5 s) between looks into the node's own state for a ClientApp's
-    reply (capped at ``LOCAL_WAIT``). Told when the node pushed a reply and when its next
-    task arrived (``pushed``, ``received``), it asks every ``NEAR_POLL`` seconds around
-    the time the last such gap took (``fedra_core.polling``), and every ``cap`` elsewhere."""
+    reply (capped at ``LOCAL_WAIT``)."""
 
     def __init__(self, cap: float) -> None:
         self.cap = cap
-        self.pushed_at: float | None = None  # when the node last pushed a reply
-        self.gap: float | None = None  # from that push to the next task, the last time
 
     def sleep(self, seconds: float) -> None:
-        if seconds < 1.0:
-            time.sleep(min(seconds, self.cap, LOCAL_WAIT))
-            return
-        idle = None if self.pushed_at is None else time.monotonic() - self.pushed_at
-        time.sleep(self.cap if idle is None else next_pause(idle, self.cap, self.gap, min(NEAR_POLL, self.cap)))
-
-    def pushed(self) -> None:
-        self.pushed_at = time.monotonic()
-
-    def received(self) -> None:
-        if self.pushed_at is not None:
-            self.gap = time.monotonic() - self.pushed_at
-        self.pushed_at = None
+        time.sleep(min(seconds, self.cap if seconds >= 1.0 else min(self.cap, LOCAL_WAIT)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
-
-
-def watch_exchanges(internal: Any, waits: ShortWaits) -> None:
-    """Tell ``waits`` when Flower's SuperNode loop (module ``internal``) pulled a task and pushed its reply."""
-    pull, push = internal._pull_and_store_message, internal._push_messages  # pylint: disable=protected-access
-
-    def pull_and_note(*args: Any, **kwargs: Any) -> Any:
-        run_id = pull(*args, **kwargs)
-        if run_id is not None:
-            waits.received()
-        return run_id
-
-    def push_and_note(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return push(*args, **kwargs)
-        finally:
-            waits.pushed()
-
-    internal._pull_and_store_message = pull_and_note  # pylint: disable=protected-access
-    internal._push_messages = push_and_note  # pylint: disable=protected-access
 
 
 def shorten_waits(cap: float) -> bool:
@@ -122,10 +79,7 @@ def shorten_waits(cap: float) -> bool:
         logger.warning("this Flower version's SuperNode has no module-level waits to shorten; "
                        "running it with its own (3 s idle poll)")
         return False
-    waits = ShortWaits(cap)
-    internal.time = waits
-    if callable(getattr(internal, "_pull_and_store_message", None)) and callable(getattr(internal, "_push_messages", None)):
-        watch_exchanges(internal, waits)
+    internal.time = ShortWaits(cap)
     return True
 
 

@@ -1,11 +1,14 @@
 """Waits between polls that are short only when an answer is likely.
 
-Flower's deployment is poll-based: the ServerApp asks the SuperLink for replies, a
-SuperNode asks it for tasks. Polling often costs requests (and CPU, on a host the nodes
-share), polling rarely costs latency. Exchanges of the same kind take about as long as
-the last one, so a poller that remembers that time (``expected``) polls every
-``near_wait`` seconds only in a window around it and keeps its usual ``wait`` elsewhere;
-a wrong guess costs a few requests, never a missed answer.
+Flower's deployment is poll-based: the ServerApp asks the SuperLink for replies.
+Polling often costs requests (and CPU, on a host the nodes share), polling rarely costs
+latency. Exchanges of the same kind take about as long as the last one, so a poller that
+remembers that time (``expected``) polls every ``near_wait`` seconds only in a window
+around it and keeps its usual ``wait`` elsewhere; a wrong guess costs a few requests,
+never a missed answer. The deployed ServerApp's grid polls so (``server_app/grid.py``).
+The same schedule in the idle SuperNodes was measured and dropped: their windows fall
+while the server aggregates and evaluates, and their requests slowed that down more than
+they saved (docs/PERFORMANCE.md, section 8).
 """
 
 NEAR_FROM, NEAR_UNTIL = 0.8, 1.3  # the window, as fractions of the expected time

@@ -24,8 +24,6 @@ import local_cluster  # noqa: E402
 def restore_flower(monkeypatch: pytest.MonkeyPatch) -> None:
     """Undo the patch and the environment variable after the test."""
     monkeypatch.setattr(internal, "time", internal.time)
-    monkeypatch.setattr(internal, "_pull_and_store_message", internal._pull_and_store_message)
-    monkeypatch.setattr(internal, "_push_messages", internal._push_messages)
     monkeypatch.delenv(supernode.SUPEREXEC_POLL_ENV, raising=False)
 
 
@@ -39,40 +37,6 @@ def test_flower_waits_are_capped(restore_flower: None, monkeypatch: pytest.Monke
     assert slept == [0.2, supernode.LOCAL_WAIT, 0.01]
     assert internal.time.monotonic is time.monotonic  # everything else is the time module's
     assert os.environ[supernode.SUPEREXEC_POLL_ENV] == "0.1"  # the SuperExec asks its node for tasks more often
-
-
-def test_the_idle_node_asks_often_only_around_when_its_next_task_came_last_time(
-        restore_flower: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [100.0]
-    slept: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        now[0] += seconds
-
-    monkeypatch.setattr(time, "sleep", sleep)
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    tasks = iter([None] * 10 + [7])  # a task after 2 s idle
-    monkeypatch.setattr(internal, "_pull_and_store_message", lambda **_: next(tasks))
-    monkeypatch.setattr(internal, "_push_messages", lambda **_: None)
-    assert supernode.shorten_waits(0.2)
-
-    def idle_until_a_task() -> list[float]:
-        """Flower's loop: pull; nothing there, sleep(3) and pull again; a task: push its reply."""
-        start = len(slept)
-        while internal._pull_and_store_message() is None:
-            internal.time.sleep(3)
-        internal._push_messages()
-        return slept[start:]
-
-    internal._push_messages()  # the reply to an earlier task
-    assert idle_until_a_task() == [0.2] * 10  # nothing learned yet: every 0.2 s
-    tasks = iter([None] * 17 + [7])  # 8 waits of 0.2 s to 1.6 s, 9 of 0.05 s
-    waits = idle_until_a_task()  # the next task 2.05 s after the reply: 0.2 s, then 0.05 s from 1.6 s on
-    assert max(waits) == 0.2 and waits[-1] == supernode.NEAR_POLL and sum(waits) == pytest.approx(2.05)
-    assert len(waits) < 2.05 / supernode.NEAR_POLL
-    internal.time.sleep(0.5)  # a look into its own state: as before
-    assert slept[-1] == supernode.LOCAL_WAIT
 
 
 def test_a_foreign_layout_runs_flower_unchanged(restore_flower: None, monkeypatch: pytest.MonkeyPatch) -> None:
