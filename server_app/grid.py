@@ -3,12 +3,12 @@
 Flower 1.41's deployment grid pushes a round's messages, then asks the SuperLink for
 replies every 3 seconds: a round ends on average 1.5 s (at worst 3 s) after its last
 reply arrived, in every exchange (capacity query, training, the nodes' evaluation).
-``PromptGrid`` wraps it and polls quickly at first, backing off to every 0.5 s on a long
+``PromptGrid`` wraps it and polls quickly at first, backing off to every 0.25 s on a long
 round, so a reply is collected within a fraction of a second of arriving without asking
 the SuperLink (beside the ServerApp) more than a few times per second. It also remembers
 how long the last exchange of each kind (training, evaluation, ...) took to its last
 reply, and polls every 0.05 s from a little before that time until a little after: a
-round's last reply is collected within about 0.05 s of arriving instead of 0.25 s on
+round's last reply is collected within about 0.05 s of arriving instead of 0.125 s on
 average, at the cost of a few more pulls near the expected end. A wrong guess costs
 nothing but those pulls: outside that window the growing wait applies.
 
@@ -35,7 +35,7 @@ from fedra_core.polling import next_pause
 from fedra_core.wire import PACKED, PACKED_STYPE, is_packed, pack
 
 FIRST_WAIT = 0.1  # seconds between the first pulls
-MAX_WAIT = 0.5  # the slowest this grid polls (Flower's own interval is 3 s)
+MAX_WAIT = 0.25  # the slowest this grid polls (Flower's own interval is 3 s)
 BACKOFF = 1.25
 NEAR_WAIT = 0.05  # between pulls near the time the last exchange of the same kind ended
 

@@ -1,4 +1,4 @@
-"""The deployed run's grid: replies collected as they arrive, with a wait that grows to 0.5 s."""
+"""The deployed run's grid: replies collected as they arrive, with a wait that grows to 0.25 s."""
 
 import os
 import subprocess
@@ -68,7 +68,7 @@ def test_every_reply_is_collected_with_short_then_growing_waits(waits: list[floa
     assert sorted(r.content["config"]["i"] for r in replies) == [0, 1, 2]
     assert transport.pulled == 30 and grid.pulls == 30  # no pull after the last reply
     assert waits[0] == pytest.approx(0.1) and all(b >= a for a, b in zip(waits, waits[1:]))
-    assert max(waits) == pytest.approx(grid_module.MAX_WAIT) == 0.5  # at most every 0.5 s on a long round
+    assert max(waits) == pytest.approx(grid_module.MAX_WAIT) == 0.25  # at most every 0.25 s on a long round
 
 
 def test_a_timeout_returns_the_replies_that_arrived(waits: list[float]) -> None:
@@ -127,8 +127,8 @@ def test_the_last_reply_is_collected_promptly_when_an_exchange_takes_as_long_as_
     monkeypatch.setattr(grid_module, "time", clock)
     transport = TimedReplies(clock, 3)
     grid = PromptGrid(transport)
-    late, first_pulls = _exchange(grid, transport, clock, [0.7, 1.9, 3.03])
-    assert late > 0.2  # the growing wait: pulls 0.5 s apart by then
+    late, first_pulls = _exchange(grid, transport, clock, [0.7, 1.9, 3.1])
+    assert late > 0.15  # the growing wait: pulls 0.25 s apart by then
     late, pulls = _exchange(grid, transport, clock, [0.6, 2.0, 3.1])  # about as long: short pulls near the end
     assert late <= grid_module.NEAR_WAIT + 1e-9 and pulls <= first_pulls + 14
     late, _ = _exchange(grid, transport, clock, [0.5, 1.0, 7.5])  # much slower: the growing wait again
