@@ -52,6 +52,7 @@ def _run(kind: str, message: Message, context: Context) -> Any:
         if kind != "query":
             (result[1] if kind in ("train", "calibrate") else result)["worker"] = 1  # served warm: seen in rounds.jsonl
         return result
+    worker.pin_training()  # no worker: this process trains, on the node's cores
     if kind == "query":
         return run_query(config, node_config)
     if kind == "train":

@@ -36,6 +36,7 @@ APP_ROOT = Path(__file__).resolve().parent.parent
 IDLE_SECONDS = 600.0
 HEADER = struct.Struct("!Q")  # length of the JSON header that starts every message
 MAX_HEADER = 64 * 2**20
+CORES_ENV = "FEDRA_NODE_CORES"  # the CPUs this node's training runs on (deploy/local_cluster.py sets it)
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,22 @@ def start(path: Path, parent: int, node_config: Mapping[str, Any]) -> None:
     os.close(lock)
 
 
+def pin_training() -> None:
+    """Run this process, a node's training, on the CPUs ``FEDRA_NODE_CORES`` lists (e.g. ``0`` or ``2,3``).
+
+    The local cluster gives each node on a shared host its share of the cores (in
+    proportion to the blocks it holds); only the training is pinned, so the node's
+    Flower processes (SuperNode, SuperExec, ClientApps) run on whichever core is free. Not
+    set: nothing changes; a list this process cannot use is reported and ignored."""
+    text = os.environ.get(CORES_ENV, "").strip()
+    if not text:
+        return
+    try:
+        os.sched_setaffinity(0, {int(core) for core in text.split(",")})
+    except (ValueError, OSError) as err:
+        logger.warning("%s=%r ignored: %s", CORES_ENV, text, err)
+
+
 # ---------------------------------------------------------------- the worker's side
 class Worker:
     """Serves one task at a time on a Unix socket until idle or orphaned."""
@@ -336,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lock-fd", type=int, help="start lock held until the socket is served")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    pin_training()
     from fedra_core import task  # noqa: F401 - torch, timm and peft imported once, before the first task
     import fedra_core.local  # noqa: F401
     Worker(args.socket, args.parent_pid, args.idle_seconds, args.lock_fd).serve()

@@ -15,9 +15,9 @@ The same steps a deployment on real machines takes, shown on one host:
    --auth-supernode-private-key <node> --node-config "partition-id=i num-partitions=N
    max-layers=k ..."`` per node; the launcher waits until every node is online at the
    SuperLink and stops, naming the node and its log's last words, if one exits first.
-   Each node (its SuperExec, ClientApps and worker with it) runs on its own share of
-   this host's cores, in proportion to the blocks it holds, as on devices of different
-   sizes (``--no-pin-cores``: every node on every core).
+   Each node trains on its own share of this host's cores, in proportion to the blocks
+   it holds, as on devices of different sizes (``--no-pin-cores``: every node on every
+   core); its Flower processes run wherever a core is free.
 6. ``flwr run . cluster --stream``; the run's final status is read back from the
    SuperLink and printed in one line, the cause of a failure included.
 
@@ -75,6 +75,7 @@ from simulate import (  # noqa: E402
     tail,
 )
 
+from client_app.worker import CORES_ENV  # noqa: E402
 from fedra_core.config import NODE_CONFIG_KEYS  # noqa: E402
 from fedra_core.preflight import PreflightError, check_run, parse_run_config  # noqa: E402
 
@@ -96,14 +97,20 @@ def tool_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def node_env(env: dict[str, str], threads: int) -> dict[str, str]:
-    """A SuperNode's environment on a shared host: ``threads`` for torch (its share of the cores).
+def node_env(env: dict[str, str], threads: int, cores: Sequence[int] = ()) -> dict[str, str]:
+    """A SuperNode's environment on a shared host: its share of the cores for its training.
 
     On its own device a ClientApp may use every core; N nodes on one host each using
     every core oversubscribe it many times over (Flower's simulation gives each client
-    one core for the same reason). ``OMP_NUM_THREADS`` set by the user wins.
+    one core for the same reason). ``threads`` torch threads (``OMP_NUM_THREADS``; set
+    by the user, it wins) and, given ``cores``, the CPUs its training runs on
+    (``FEDRA_NODE_CORES``: the node's warm worker, or a ClientApp training without one,
+    pins itself to them; the node's Flower processes are not pinned).
     """
-    return {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, threads)))}
+    out = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(max(1, threads)))}
+    if cores:
+        out[CORES_ENV] = ",".join(map(str, cores))
+    return out
 
 
 def split_cores(cores: Sequence[int], weights: Sequence[int]) -> list[list[int]]:
@@ -178,23 +185,16 @@ def _end_with_launcher() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
-def spawn(command: list[str], log_path: Path, env: dict[str, str],
-          cores: Sequence[int] | None = None) -> subprocess.Popen:
+def spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     """Start ``command`` in its own session (so its children stop with it), output to a log.
 
     The process gets SIGTERM if this launcher dies without cleaning up (``kill -9``);
     a SIGHUP for the terminal's process group does not reach it, the launcher stops it.
-    With ``cores`` it and every process it starts run on those CPUs only.
     """
-    def before_exec() -> None:
-        _end_with_launcher()
-        if cores:
-            os.sched_setaffinity(0, cores)
-
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True, preexec_fn=before_exec)
+                                start_new_session=True, preexec_fn=_end_with_launcher)
 
 
 def start_superlink(workdir: Path, port: int, certs: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -306,14 +306,13 @@ def check_node_config(extra: str) -> dict[str, object]:
 
 def start_supernode(workdir: Path, name: str, superlink: int | str, config: str, env: dict[str, str],
                     ca_cert: Path | None, private_key: Path | None, poll: float | None = None,
-                    fork_server: bool = True, cores: Sequence[int] | None = None) -> subprocess.Popen:
+                    fork_server: bool = True) -> subprocess.Popen:
     """``flower-supernode`` with its own free runtime port; no CA or key when given None.
 
     ``superlink`` is the Fleet API's address (the proxy's), or a port on 127.0.0.1. With
     ``poll`` the node is ``python -m client_app.supernode`` (Flower's SuperNode, its
     polling waits capped at ``poll`` seconds, its ClientApp processes forked from a warm
-    server unless not ``fork_server``); without, Flower's own command. With ``cores`` the
-    node, its SuperExec, ClientApps and worker run on those CPUs only.
+    server unless not ``fork_server``); without, Flower's own command.
     """
     address = f"127.0.0.1:{superlink}" if isinstance(superlink, int) else superlink
     program = ["flower-supernode"] if poll is None else [
@@ -324,7 +323,7 @@ def start_supernode(workdir: Path, name: str, superlink: int | str, config: str,
         command += ["--root-certificates", str(ca_cert)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
-    return spawn(command, workdir / "logs" / f"{name}.log", env, cores)
+    return spawn(command, workdir / "logs" / f"{name}.log", env)
 
 
 def node_failure(name: str, process: subprocess.Popen, workdir: Path) -> str:
@@ -433,9 +432,9 @@ def start_cluster(workdir: Path, args: argparse.Namespace, nginx: str | None, en
                   processes: dict[str, subprocess.Popen], blocks: Sequence[int] = ()) -> dict[str, subprocess.Popen]:
     """Credentials, the SuperLink, the proxy (unless ``nginx`` is None), registered SuperNodes.
 
-    With ``args.pin_cores`` each node runs on its share of this host's cores, in proportion
-    to the ``blocks`` it holds (``split_cores``); otherwise each may use every core, with
-    an equal share of them as torch threads. Every process goes into ``processes`` as soon
+    With ``args.pin_cores`` each node trains on its share of this host's cores, in
+    proportion to the ``blocks`` it holds (``split_cores``); otherwise each may use every
+    core, with an equal share of them as torch threads. Every process goes into ``processes`` as soon
     as it exists (the caller stops them); returns the SuperNodes by name.
     """
     names = [f"node-{i}" for i in range(len(args.max_layers))]
@@ -458,10 +457,10 @@ def start_cluster(workdir: Path, args: argparse.Namespace, nginx: str | None, en
         register(keys / f"{name}.pub", env)
         config_text = node_config(i, len(names), capacity, args.node_config)
         threads = len(cores) if cores else len(host) // len(names)
-        processes[name] = start_supernode(workdir, name, fleet, config_text, node_env(env, threads),
+        processes[name] = start_supernode(workdir, name, fleet, config_text, node_env(env, threads, cores or ()),
                                           certs / "ca.crt", keys / name, poll=args.poll_interval or None,
-                                          fork_server=args.fork_server, cores=cores)
-        on = f", cores {','.join(map(str, cores))}" if cores else ""
+                                          fork_server=args.fork_server)
+        on = f", training on cores {','.join(map(str, cores))}" if cores else ""
         say(f"{name}: --node-config \"{config_text}\"{on} (log {workdir / 'logs' / name}.log)")
     (workdir / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}, indent=1))
     return {name: processes[name] for name in names}
@@ -485,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="every ClientApp a fresh process (default: forked from a server per node that has "
                              "imported Flower; client_app/forkserver.py)")
     parser.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
-                        help="run each SuperNode (its ClientApps, its worker) on its own share of this host's cores, "
-                             "in proportion to the blocks it holds (default on; off: every node on every core)")
+                        help="train each SuperNode's tasks on its own share of this host's cores, in proportion to "
+                             "the blocks it holds (default on; off: every node on every core)")
     parser.add_argument("--no-proxy", dest="proxy", action="store_false",
                         help="no nginx: the SuperNodes connect to the SuperLink's own port (all its APIs)")
     args = parser.parse_args(argv)

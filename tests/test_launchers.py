@@ -3,9 +3,9 @@
 The logs below are the ends of real ones (colour codes included) from Flower 1.41.
 """
 
+import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -117,20 +117,27 @@ def test_the_cores_go_to_the_nodes_in_proportion_to_the_blocks_they_hold() -> No
     assert split([0], [3, 12]) == [[0], [0]] and split([5, 7], []) == []
 
 
-def test_a_pinned_process_and_its_children_run_on_its_cores_only(tmp_path: Path) -> None:
+def test_a_node_trains_on_its_cores_and_its_flower_processes_are_not_pinned(tmp_path: Path) -> None:
     import local_cluster  # pylint: disable=import-outside-toplevel
 
     core = sorted(os.sched_getaffinity(0))[-1]
-    process = local_cluster.spawn(["sh", "-c", "sleep 30 & wait"], tmp_path / "log", {"PATH": "/usr/bin:/bin"}, [core])
-    try:
-        deadline = time.monotonic() + 10
-        children: list[str] = []
-        while not children and time.monotonic() < deadline:
-            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-            time.sleep(0.05)
-        for pid in [process.pid, *map(int, children)]:
-            status = Path(f"/proc/{pid}/status").read_text()
-            assert f"Cpus_allowed_list:\t{core}\n" in status, pid
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the shell and its sleep: a session of their own
-        process.wait()
+    env = local_cluster.node_env({"PATH": os.environ["PATH"]}, 1, [core])
+    assert env["FEDRA_NODE_CORES"] == str(core) and env["OMP_NUM_THREADS"] == "1"
+    assert "FEDRA_NODE_CORES" not in local_cluster.node_env({}, 2)  # --no-pin-cores
+    code = ("import json, os; from client_app import worker; before = sorted(os.sched_getaffinity(0)); "
+            "worker.pin_training(); print(json.dumps([before, sorted(os.sched_getaffinity(0))]))")
+    spawned = local_cluster.spawn([sys.executable, "-c", code], tmp_path / "log", {**env, "PYTHONPATH": str(ROOT)})
+    assert spawned.wait(timeout=60) == 0
+    before, after = json.loads((tmp_path / "log").read_text())
+    assert before == sorted(os.sched_getaffinity(0)) and after == [core]  # started anywhere, training pinned
+
+
+def test_a_core_list_the_node_cannot_use_is_reported_and_ignored(monkeypatch, caplog) -> None:
+    from client_app import worker  # pylint: disable=import-outside-toplevel
+
+    before = os.sched_getaffinity(0)
+    for bad in ("x", "100000"):
+        monkeypatch.setenv(worker.CORES_ENV, bad)
+        worker.pin_training()
+        assert os.sched_getaffinity(0) == before
+    assert caplog.text.count("FEDRA_NODE_CORES") == 2
