@@ -43,18 +43,19 @@ def _adapters(run_dir: Path) -> dict:
 @pytest.mark.parametrize("strategy", [{}, {"method": "inclusivefl", "inclusivefl_momentum": 0.5}],
                          ids=["fedra", "inclusivefl-momentum"])
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_vit_cache: Path, strategy: dict) -> None:
-    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=3, **strategy)
+    rounds = 6  # room for the interrupt to land before the end: with 3 a fast host finished first
+    experiment = _experiment(tmp_path, tiny_vit_cache, rounds=rounds, **strategy)
     out = tmp_path / "out"
     base = f"experiment='{experiment}' output-dir='{out}'"
     runs = {"full": _simulate(tmp_path, f"{base} run-name='full'")}
     try:
         assert runs["full"].wait(timeout=900) == 0
         runs["cut"] = _simulate(tmp_path, f"{base} run-name='cut'")
-        _wait(lambda: _checkpoint_round(out / "cut") >= 1, 900, "the checkpoint of round 1")
+        _wait(lambda: _checkpoint_round(out / "cut") >= 1, 900, "the checkpoint of round 1", interval=0.05)
         os.killpg(runs["cut"].pid, signal.SIGINT)  # the launcher stops its SuperLink by PID
         runs["cut"].wait(timeout=120)
         stopped_at = _checkpoint_round(out / "cut")
-        assert 1 <= stopped_at < 3 and not (out / "cut" / "adapters.safetensors").exists()
+        assert 1 <= stopped_at < rounds and not (out / "cut" / "adapters.safetensors").exists()
         with open(out / "cut" / "rounds.jsonl", "a") as records:
             records.write('{"round": 9, "accur')  # a line torn by kill -9 while it was appended
         runs["resume"] = _simulate(tmp_path, f"{base} run-name='cut' resume=true")
@@ -64,7 +65,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_vit_cache
             stop_launcher(process)
 
     full, resumed = _records(out / "full"), _records(out / "cut")
-    assert [r["round"] for r in resumed] == [0, 1, 2, 3]
+    assert [r["round"] for r in resumed] == list(range(rounds + 1))
     for a, b in zip(full[1:], resumed[1:]):
         assert a["allocation"] == b["allocation"]
         assert [(r["partition_id"], r["capacity"]) for r in a["rows"]] == \
