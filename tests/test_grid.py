@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedra_core.polling import next_pause
 from flower_messages import StaticGrid, run_identity  # noqa: F401 - autouse fixture
 from server_app import grid as grid_module
-from fedra_core.polling import next_pause
 from server_app.grid import PromptGrid
 
 

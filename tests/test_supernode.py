@@ -59,7 +59,7 @@ def test_local_cluster_refuses_a_bad_poll_interval(capsys: pytest.CaptureFixture
 
 def test_local_cluster_starts_nodes_through_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     commands: list[list[str]] = []
-    monkeypatch.setattr(local_cluster, "spawn", lambda command, log, env, cores=None: commands.append(command))
+    monkeypatch.setattr(local_cluster, "spawn", lambda command, log, env: commands.append(command))
     local_cluster.start_supernode(tmp_path, "node-0", 9092, "partition-id=0", {}, None, None, poll=0.2)
     local_cluster.start_supernode(tmp_path, "node-1", 9092, "partition-id=1", {}, None, None)
     assert commands[0][:6] == [sys.executable, "-m", "client_app.supernode", "--poll-interval", "0.2", "--fork-server"]
